@@ -1,0 +1,262 @@
+"""Static configuration: where things are. Policy lives in the database (preferences.py).
+
+Values come from, in rising precedence: the defaults below (the only place
+defaults live), a TOML file (``--config`` or ``MODELCACHE_CONFIG``), the
+environment (``MODELCACHE_<SECTION>_<KEY>``) and command-line flags. They are
+parsed and validated once, in :func:`load`; a bad value raises
+:class:`~modelcache.errors.ConfigError` naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    port: int = 12085
+    # The URL nodes use to reach this server; empty means http://<host>:<port>.
+    public_url: str = ""
+    # Networks whose clients may pull promoted blobs without a token.
+    trusted_networks: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    data_dir: Path = Path("~/.local/share/modelcache")
+    # Empty means <data_dir>/import.
+    import_dir: Path | None = None
+    # Seconds between background re-hashes of every blob; 0 turns the scrub off.
+    scrub_interval: float = 0.0
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    # Empty means an embedded PostgreSQL under <data_dir>/pg.
+    dsn: str = ""
+    pool_min_size: int = 1
+    pool_max_size: int = 8
+
+
+@dataclass(frozen=True)
+class SyncdSettings:
+    settle_seconds: float = 3.0
+    workers: int = 2
+    force_polling: bool = False
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str = "text"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    syncd: SyncdSettings = field(default_factory=SyncdSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.storage.data_dir
+
+    @property
+    def import_dir(self) -> Path:
+        return self.storage.import_dir or self.storage.data_dir / "import"
+
+    @property
+    def public_url(self) -> str:
+        if self.server.public_url:
+            return self.server.public_url.rstrip("/")
+        host = self.server.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.server.port}"
+
+
+# -- parsers: each takes the raw value (TOML value or env/flag string) ---------
+
+
+def _int(lo: int, hi: int) -> Callable[[Any], int]:
+    def parse(raw: Any) -> int:
+        if isinstance(raw, bool):
+            raise ValueError("expected an integer")
+        value = int(raw, 10) if isinstance(raw, str) else raw
+        if not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"expected an integer from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _float(lo: float) -> Callable[[Any], float]:
+    def parse(raw: Any) -> float:
+        if isinstance(raw, bool):
+            raise ValueError("expected a number")
+        value = float(raw)
+        if not value >= lo or value == float("inf"):
+            raise ValueError(f"expected a number of at least {lo}")
+        return value
+
+    return parse
+
+
+def _bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(raw, str) and raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _str(raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise ValueError("expected a string")
+    return raw
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        value = _str(raw).lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _path(raw: Any) -> Path:
+    value = _str(raw)
+    if not value:
+        raise ValueError("expected a path")
+    return Path(value).expanduser()
+
+
+def _optional_path(raw: Any) -> Path | None:
+    return _path(raw) if raw not in ("", None) else None
+
+
+def _url(raw: Any) -> str:
+    value = _str(raw)
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
+def _networks(raw: Any) -> tuple[IPNetwork, ...]:
+    items = [s.strip() for s in raw.split(",") if s.strip()] if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple):
+        raise ValueError("expected a list of networks such as 10.0.0.0/8")
+    try:
+        return tuple(ipaddress.ip_network(_str(item), strict=False) for item in items)
+    except ValueError as exc:
+        raise ValueError(f"expected networks such as 10.0.0.0/8 ({exc})") from None
+
+
+_PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "server": {
+        "host": _str,
+        "port": _int(0, 65535),
+        "public_url": _url,
+        "trusted_networks": _networks,
+    },
+    "storage": {"data_dir": _path, "import_dir": _optional_path, "scrub_interval": _float(0)},
+    "database": {"dsn": _str, "pool_min_size": _int(1, 100), "pool_max_size": _int(1, 100)},
+    "syncd": {"settle_seconds": _float(0), "workers": _int(1, 64), "force_polling": _bool},
+    "log": {"format": _choice("text", "json"), "level": _choice("debug", "info", "warning", "error")},
+}
+
+def load(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build validated settings from a TOML file, the environment and flag overrides.
+
+    ``overrides`` maps ``"section.key"`` to a value; ``None`` values are
+    ignored, so click options can default to ``None``.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, dict[str, tuple[Any, str]]] = {name: {} for name in _PARSERS}
+
+    config_file = config_file or (Path(env["MODELCACHE_CONFIG"]) if env.get("MODELCACHE_CONFIG") else None)
+    if config_file is not None:
+        for section, values in _read_toml(config_file).items():
+            for key, value in values.items():
+                raw[section][key] = (value, f"{config_file}")
+
+    for section, keys in _PARSERS.items():
+        for key in keys:
+            name = f"MODELCACHE_{section.upper()}_{key.upper()}"
+            if name in env:
+                raw[section][key] = (env[name], f"environment {name}")
+
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            section, key = dotted.split(".", 1)
+            raw[section][key] = (value, "command line")
+
+    sections: dict[str, Any] = {}
+    for section, values in raw.items():
+        parsed = {}
+        for key, (value, origin) in values.items():
+            try:
+                parsed[key] = _PARSERS[section][key](value)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{section}.{key} = {value!r} (from {origin}): {exc}") from None
+        sections[section] = _section_class(section)(**parsed)
+    settings = Settings(**sections)
+    if settings.database.pool_min_size > settings.database.pool_max_size:
+        raise ConfigError(
+            f"database.pool_min_size = {settings.database.pool_min_size} is above "
+            f"database.pool_max_size = {settings.database.pool_max_size}"
+        )
+    return settings
+
+
+def _section_class(section: str) -> type:
+    return {
+        "server": ServerSettings,
+        "storage": StorageSettings,
+        "database": DatabaseSettings,
+        "syncd": SyncdSettings,
+        "log": LogSettings,
+    }[section]
+
+
+def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for section, values in data.items():
+        if section not in _PARSERS:
+            raise ConfigError(f"{path}: unknown section [{section}]; known: {', '.join(_PARSERS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: {section} must be a table")
+        for key in values:
+            if key not in _PARSERS[section]:
+                raise ConfigError(
+                    f"{path}: unknown key {section}.{key}; known: {', '.join(_PARSERS[section])}"
+                )
+    return data

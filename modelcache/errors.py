@@ -1,0 +1,90 @@
+"""The one exception family of modelcache.
+
+Each error says what was expected, what was found and which file, digest or
+key is at fault. The HTTP layer maps them to problem+json answers in one
+middleware (``server/problems.py``); the CLI maps them to exit codes in one
+place (``cli.py``).
+"""
+
+from __future__ import annotations
+
+
+class ModelcacheError(Exception):
+    """Base class: an operation failed for a reason worth telling the user."""
+
+    status = 500
+    title = "Internal error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidInput(ModelcacheError):
+    """A value given by the user or a client does not parse."""
+
+    status = 400
+    title = "Invalid input"
+
+
+class ConfigError(InvalidInput):
+    """A configuration value is invalid; names the key and the value."""
+
+    title = "Invalid configuration"
+
+
+class NotFound(ModelcacheError):
+    status = 404
+    title = "Not found"
+
+
+class Conflict(ModelcacheError):
+    status = 409
+    title = "Conflict"
+
+
+class Unauthorized(ModelcacheError):
+    status = 401
+    title = "Unauthorized"
+
+
+class Forbidden(ModelcacheError):
+    status = 403
+    title = "Forbidden"
+
+
+class ChecksumError(ModelcacheError):
+    """Bytes did not hash to what was expected."""
+
+    status = 422
+    title = "Checksum mismatch"
+
+    def __init__(self, what: str, expected: str, actual: str) -> None:
+        super().__init__(f"{what}: expected {expected}, got {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class SourceChanged(ModelcacheError):
+    """A file changed while it was being read; it is tried again later."""
+
+    status = 409
+    title = "Source changed"
+
+
+class ImportRejected(ModelcacheError):
+    """The content cannot be imported as asked (bad header, duplicate under another name)."""
+
+    status = 422
+    title = "Import rejected"
+
+
+class DatabaseUnavailable(ModelcacheError):
+    status = 503
+    title = "Database unavailable"
+
+
+class SchemaTooNew(ModelcacheError):
+    """The database was migrated by a newer modelcache than this one."""
+
+    title = "Database schema is newer than this modelcache"

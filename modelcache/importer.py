@@ -1,0 +1,219 @@
+"""Import a file or folder on the cache host: hash, store, register, audit.
+
+The one import road, used by ``modelcache import`` and the sync daemon alike;
+it knows nothing of the CLI. Blocking work runs in threads; no database
+connection is held while bytes are hashed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import preferences
+from .auth import Subject
+from .db import registry
+from .db.pool import Database
+from .digest import Digest
+from .errors import ImportRejected, InvalidInput, ModelcacheError, NotFound
+from .formats import detect_type, parse_artifact_type
+from .names import parse_model_name, parse_vendor, parse_version
+from .store import Blob, BlobStore
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_MEDIA_TYPE = "application/vnd.modelcache.artifact.v1+json"
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    path: Path
+    model: str
+    version: str
+    vendor: str | None = None
+    artifact_type: str | None = None
+    move: bool = False
+    source_uri: str | None = None
+
+    @classmethod
+    def parse(cls, path: str | Path, model: str, version: str, vendor: str | None = None,
+              artifact_type: str | None = None, move: bool = False, source_uri: str | None = None) -> "ImportRequest":
+        return cls(
+            path=Path(path),
+            model=parse_model_name(model),
+            version=parse_version(version),
+            vendor=parse_vendor(vendor),
+            artifact_type=parse_artifact_type(artifact_type) if artifact_type else None,
+            move=move,
+            source_uri=source_uri,
+        )
+
+    @property
+    def model_label(self) -> str:
+        name = f"{self.vendor}/{self.model}" if self.vendor else self.model
+        return f"{name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    artifact_id: uuid.UUID
+    digest: Digest
+    size: int
+    artifact_type: str
+    state: str
+    created: bool  # False: the same bytes were already registered under this model and version
+    seconds: float
+    files: list[Blob] = field(default_factory=list)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.size / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+async def import_path(db: Database, store: BlobStore, req: ImportRequest, subject: Subject) -> ImportResult:
+    """Import ``req.path`` (a file, or a folder for a multi-file artifact) and register it.
+
+    Audited either way; on failure nothing is registered and the user's files
+    are where they were.
+    """
+    started = time.monotonic()
+    try:
+        result = await _import(db, store, req, subject, started)
+    except ModelcacheError as exc:
+        logger.warning("import failed: %s: %s", req.path, exc.detail)
+        await _audit_failure(db, req, subject, exc)
+        raise
+    verb = "imported" if result.created else "already registered"
+    logger.info(
+        "%s %s as %s (%s): %s, %d bytes in %.2fs (%.0f MB/s)",
+        verb, req.path, req.model_label, result.artifact_type, result.digest,
+        result.size, result.seconds, result.mb_per_s,
+    )
+    return result
+
+
+async def _import(db: Database, store: BlobStore, req: ImportRequest, subject: Subject, started: float) -> ImportResult:
+    if not await asyncio.to_thread(req.path.exists):
+        raise NotFound(f"{req.path}: no such file or folder")
+    artifact_type = req.artifact_type or await asyncio.to_thread(detect_type, req.path)
+    if await asyncio.to_thread(req.path.is_dir):
+        files, manifest = await asyncio.to_thread(_ingest_folder, store, req)
+        digest, size = manifest.digest, sum(b.size for _, b in files)
+    else:
+        ingest = store.ingest_link if req.move else store.ingest_copy
+        blob = await asyncio.to_thread(ingest, req.path)
+        files, manifest = [(req.path.name, blob)], blob
+        digest, size = blob.digest, blob.size
+
+    auto_promote = (await preferences.effective(db))["models.import.auto_promote"]
+    async with db.transaction() as conn:
+        for _, blob in files:
+            await registry.record_blob(conn, blob.digest, blob.size, blob.xxh3)
+        if manifest is not files[0][1]:
+            await registry.record_blob(conn, manifest.digest, manifest.size, manifest.xxh3)
+        existing = await registry.artifact_by_sha256(conn, digest)
+        if existing is not None:
+            same = (existing["model_name"], existing["model_vendor"], existing["version"]) == (
+                req.model, req.vendor, req.version)
+            if not same:
+                raise ImportRejected(
+                    f"{req.path}: the same bytes ({digest}) are already artifact {existing['id']} of "
+                    f"{_label(existing)}; one content has one artifact"
+                )
+            artifact, created = existing, False
+        else:
+            model_id = await registry.upsert_model(conn, req.model, req.vendor, str(subject))
+            version_id = await registry.upsert_version(conn, model_id, req.version)
+            artifact = await registry.insert_artifact(
+                conn,
+                version_id=version_id,
+                artifact_type=artifact_type,
+                sha256=digest,
+                size=size,
+                cache_path=str(manifest.path),
+                source_uri=req.source_uri or req.path.resolve().as_uri(),
+                state="promoted" if auto_promote else "staged",
+                by=str(subject),
+            )
+            for path, blob in files:
+                await registry.insert_artifact_file(
+                    conn, artifact["id"], path, blob.digest, blob.size, _media_type(path, artifact_type))
+            created = True
+        await registry.audit(
+            conn, subject, "model_artifact.import", "model_artifact", str(digest),
+            outcome="created" if created else "unchanged",
+            details={"path": str(req.path), "model": req.model_label, "artifact_type": artifact_type,
+                     "size_bytes": size, "state": artifact["state"]},
+        )
+    if req.move:
+        await asyncio.to_thread(_remove_source, req.path)
+    return ImportResult(
+        artifact_id=artifact["id"], digest=digest, size=size, artifact_type=artifact_type,
+        state=artifact["state"], created=created, seconds=time.monotonic() - started,
+        files=[b for _, b in files],
+    )
+
+
+def _ingest_folder(store: BlobStore, req: ImportRequest) -> tuple[list[tuple[str, Blob]], Blob]:
+    """Store every file of a folder, then a manifest naming them; the manifest's digest is the artifact's."""
+    paths = sorted(p for p in req.path.rglob("*") if p.is_file() and not _hidden(p.relative_to(req.path)))
+    if not paths:
+        raise InvalidInput(f"{req.path}: the folder holds no files")
+    ingest = store.ingest_link if req.move else store.ingest_copy
+    files = [(p.relative_to(req.path).as_posix(), ingest(p)) for p in paths]
+    document = {
+        "media_type": MANIFEST_MEDIA_TYPE,
+        "files": [{"path": path, "digest": str(b.digest), "size": b.size} for path, b in files],
+    }
+    with store.temp() as temp:
+        temp.write(json.dumps(document, sort_keys=True, separators=(",", ":")).encode())
+        temp.finish()
+        manifest = store.commit(temp)
+    return files, manifest
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _media_type(path: str, artifact_type: str) -> str:
+    if path.endswith(".json"):
+        return "application/json"
+    if artifact_type == "gguf" and path.endswith(".gguf"):
+        return "application/vnd.ollama.image.model"
+    return "application/octet-stream"
+
+
+def _remove_source(path: Path) -> None:
+    if path.is_dir():
+        for p in sorted(path.rglob("*"), reverse=True):
+            if p.is_file() and not _hidden(p.relative_to(path)):
+                p.unlink()
+            elif p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        if not any(path.iterdir()):
+            path.rmdir()
+    else:
+        os.unlink(path)
+
+
+def _label(row: dict) -> str:
+    name = f"{row['model_vendor']}/{row['model_name']}" if row["model_vendor"] else row["model_name"]
+    return f"{name}:{row['version']}"
+
+
+async def _audit_failure(db: Database, req: ImportRequest, subject: Subject, exc: ModelcacheError) -> None:
+    try:
+        async with db.connection() as conn:
+            await registry.audit(
+                conn, subject, "model_artifact.import", "model_artifact", None,
+                outcome="failed", reason=exc.detail, details={"path": str(req.path), "model": req.model_label},
+            )
+    except ModelcacheError as audit_exc:
+        logger.error("could not audit the failed import of %s: %s", req.path, audit_exc.detail)

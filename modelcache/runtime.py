@@ -1,0 +1,83 @@
+"""Process lifecycles: open the database (embedded or not), then serve and/or watch until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from .config import Settings
+from .db import Database, describe_dsn
+from .db.embedded import EmbeddedPostgres
+from .db.migrate import migrate
+
+logger = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def open_database(settings: Settings) -> AsyncIterator[Database]:
+    """The configured database, or the embedded one under ``<data_dir>/pg``; closed on exit."""
+    embedded = None
+    dsn = settings.database.dsn
+    if not dsn:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        embedded = EmbeddedPostgres(settings.data_dir / "pg")
+        dsn = await asyncio.to_thread(embedded.start)
+    db = Database(dsn, settings.database.pool_min_size, settings.database.pool_max_size)
+    try:
+        await db.open()
+        yield db
+    finally:
+        await db.close()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+def database_label(settings: Settings) -> str:
+    if settings.database.dsn:
+        return f"PostgreSQL {describe_dsn(settings.database.dsn)}"
+    return f"embedded PostgreSQL in {settings.data_dir / 'pg'}"
+
+
+async def run(settings: Settings, *, serve: bool = True, watch: bool = True) -> None:
+    """``modelcache run`` (both), ``serve`` (server only) or ``syncd`` (daemon only), until SIGTERM/SIGINT."""
+    from .server.access import AccessLogger
+    from .server.app import create_app
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async with open_database(settings) as db:
+        await migrate(db)
+        runner = None
+        if serve:
+            runner = web.AppRunner(create_app(settings, db), access_log_class=AccessLogger,
+                                   handle_signals=False, shutdown_timeout=5)
+            await runner.setup()
+            site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
+            await site.start()
+            logger.info("serving on %s (listening on %s:%d)", settings.public_url, settings.server.host,
+                        settings.server.port)
+        logger.info("data dir %s; import folder %s; database: %s", settings.data_dir, settings.import_dir,
+                    database_label(settings))
+        daemon = None
+        if watch:
+            from .syncd.daemon import SyncDaemon
+
+            daemon = SyncDaemon(settings, db)
+            await daemon.start()
+        try:
+            await stop.wait()
+            logger.info("stopping")
+        finally:
+            if daemon is not None:
+                await daemon.stop()
+            if runner is not None:
+                await runner.cleanup()
+    logger.info("stopped")

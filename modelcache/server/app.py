@@ -1,0 +1,50 @@
+"""The app factory: it only assembles. Resources open in cleanup contexts, not here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from ..config import Settings
+from ..db import Database
+from ..store import BlobStore
+from . import blobs, health
+from .catalog import Catalog
+from .keys import CATALOG, DATABASE, SETTINGS, STORE
+from .problems import problems_middleware
+
+logger = logging.getLogger(__name__)
+
+DIGEST_PATTERN = "{digest:[^/]+}"
+
+
+def create_app(settings: Settings, db: Database) -> web.Application:
+    """Assemble the server around an open, migrated database."""
+    app = web.Application(middlewares=[problems_middleware], client_max_size=1 << 20)
+    app[SETTINGS] = settings
+    app[DATABASE] = db
+    app[STORE] = BlobStore(settings.data_dir)
+    app[CATALOG] = Catalog(db)
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_catalog_ctx)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get(f"/v1/blobs/{DIGEST_PATTERN}", blobs.get_blob)  # also answers HEAD
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    removed = await asyncio.to_thread(app[STORE].prepare)
+    if removed:
+        logger.info("removed %d leftover temp files from %s", removed, app[STORE].tmp_dir)
+    yield
+
+
+async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[CATALOG].start()
+    logger.info("serving %d blobs to %d tokens", len(app[CATALOG].blobs), len(app[CATALOG].tokens))
+    yield
+    await app[CATALOG].stop()

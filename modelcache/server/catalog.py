@@ -1,0 +1,181 @@
+"""The blob server's in-memory view of the registry.
+
+A blob GET or HEAD answers from here (digest -> size and state, token hash ->
+role), never from a query per request. The view is loaded at start, kept
+current by LISTEN/NOTIFY (triggers in schema.sql), reloaded whole after every
+reconnection and refreshed on a timer as a safety net. While PostgreSQL is
+down the last view keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+from ..auth import Role
+from ..db import Database, registry
+from ..digest import Digest
+from ..errors import DatabaseUnavailable
+
+logger = logging.getLogger(__name__)
+
+BLOBS_CHANNEL = "modelcache_blobs"
+TOKENS_CHANNEL = "modelcache_tokens"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobEntry:
+    size: int
+    state: str  # present, quarantined, evicted (blobs.state)
+    promoted: bool  # held by at least one promoted artifact
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEntry:
+    name: str
+    role: Role
+    node_id: str | None
+    expires_at: dt.datetime | None
+
+    def expired(self, now: dt.datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+
+class Catalog:
+    def __init__(self, db: Database, token_refresh: float = 5.0, blob_refresh: float = 60.0,
+                 access_flush: float = 10.0) -> None:
+        self._db = db
+        self.blobs: dict[Digest, BlobEntry] = {}
+        self.tokens: dict[str, TokenEntry] = {}
+        self._dirty: set[str] = set()
+        self._dirty_event = asyncio.Event()
+        self._accessed: dict[str, dt.datetime] = {}
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._token_refresh = token_refresh
+        self._blob_refresh = blob_refresh
+        self._access_flush = access_flush
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load everything (the database must be up), then follow changes in the background."""
+        await self.reload()
+        self._tasks = [
+            asyncio.create_task(self._db.listen([BLOBS_CHANNEL, TOKENS_CHANNEL], self._on_notify,
+                                                self._reload_quietly, self._stop), name="catalog-listen"),
+            asyncio.create_task(self._apply_changes(), name="catalog-changes"),
+            asyncio.create_task(self._every(self._token_refresh, self._reload_tokens), name="catalog-tokens"),
+            asyncio.create_task(self._every(self._blob_refresh, self._reload_blobs), name="catalog-blobs"),
+            asyncio.create_task(self._every(self._access_flush, self.flush_access), name="catalog-access"),
+        ]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        self._dirty_event.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._flush_quietly()
+
+    # -- reads on the hot path ------------------------------------------------
+
+    def blob(self, digest: Digest) -> BlobEntry | None:
+        return self.blobs.get(digest)
+
+    def token(self, token_sha256: str) -> TokenEntry | None:
+        return self.tokens.get(token_sha256)
+
+    def record_access(self, digest: Digest) -> None:
+        """Remember a pull; written to the registry in batches, not per request."""
+        self._accessed[str(digest)] = dt.datetime.now(dt.timezone.utc)
+
+    # -- loading --------------------------------------------------------------
+
+    async def reload(self) -> None:
+        await self._reload_blobs()
+        await self._reload_tokens()
+
+    async def _reload_blobs(self) -> None:
+        async with self._db.connection() as conn:
+            rows = await registry.blob_index_rows(conn)
+        self.blobs = {Digest.parse(r["digest"]): _blob_entry(r) for r in rows}
+
+    async def _reload_tokens(self) -> None:
+        async with self._db.connection() as conn:
+            rows = await registry.live_tokens(conn)
+        self.tokens = {
+            r["token_sha256"]: TokenEntry(r["name"], Role(r["role"]), str(r["node_id"]) if r["node_id"] else None,
+                                          r["expires_at"])
+            for r in rows
+        }
+
+    async def _reload_quietly(self) -> None:
+        try:
+            await self.reload()
+        except DatabaseUnavailable as exc:
+            logger.warning("catalog reload failed, serving the last view: %s", exc.detail)
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == TOKENS_CHANNEL:
+            self._dirty.add("")  # tokens are few: reload them all
+        else:
+            self._dirty.add(payload)
+        self._dirty_event.set()
+
+    async def _apply_changes(self) -> None:
+        while not self._stop.is_set():
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            await asyncio.sleep(0.02)  # let a burst of notifications coalesce
+            dirty, self._dirty = self._dirty, set()
+            try:
+                if "" in dirty:
+                    dirty.discard("")
+                    await self._reload_tokens()
+                if dirty:
+                    async with self._db.connection() as conn:
+                        rows = await registry.blob_index_rows(conn, sorted(dirty))
+                    found = {r["digest"]: r for r in rows}
+                    for text in dirty:
+                        digest = Digest.parse(text)
+                        if text in found:
+                            self.blobs[digest] = _blob_entry(found[text])
+                        else:
+                            self.blobs.pop(digest, None)
+            except DatabaseUnavailable as exc:
+                logger.warning("catalog update failed (%s); will reload on reconnect", exc.detail)
+
+    async def _every(self, seconds: float, work) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), seconds)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await work()
+            except DatabaseUnavailable as exc:
+                logger.debug("periodic %s skipped: %s", work.__name__, exc.detail)
+
+    async def flush_access(self) -> None:
+        accessed, self._accessed = self._accessed, {}
+        if not accessed:
+            return
+        try:
+            async with self._db.connection() as conn:
+                await registry.touch_blobs(conn, accessed)
+        except DatabaseUnavailable:
+            for digest, at in accessed.items():  # keep them for the next flush
+                self._accessed.setdefault(digest, at)
+            raise
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self.flush_access()
+        except DatabaseUnavailable as exc:
+            logger.warning("last-access times of %d blobs not saved: %s", len(self._accessed), exc.detail)
+
+
+def _blob_entry(row: dict) -> BlobEntry:
+    return BlobEntry(row["size_bytes"], row["state"], row["promoted"])

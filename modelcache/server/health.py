@@ -1,0 +1,29 @@
+"""``/healthz`` (the process answers) and ``/readyz`` (database and store usable)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from aiohttp import web
+
+from ..errors import DatabaseUnavailable
+from .keys import DATABASE, STORE
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    problems = []
+    try:
+        await asyncio.wait_for(request.app[DATABASE].ping(), 3)
+    except (DatabaseUnavailable, TimeoutError) as exc:
+        problems.append(f"database: {getattr(exc, 'detail', None) or 'no answer within 3s'}")
+    store = request.app[STORE]
+    if not await asyncio.to_thread(os.access, store.tmp_dir, os.W_OK):
+        problems.append(f"store: {store.tmp_dir} is not writable")
+    if problems:
+        return web.Response(status=503, text="not ready: " + "; ".join(problems) + "\n")
+    return web.Response(text="ready\n")

@@ -1,0 +1,263 @@
+"""The blob store: immutable, content-addressed files on one filesystem.
+
+The whole layout, drawn once::
+
+    <data_dir>/
+      blobs/sha256/<hex[:2]>/<hex>   verified, immutable blobs (mode 0444)
+      tmp/<random>.partial           in-flight writes, each flock()ed by its writer
+      quarantine/<hex>               blobs that failed verification, never served
+      import/                        the default import folder (storage.import_dir)
+      import/.failed/                files that could not be imported, with a reason file
+      pg/                            the embedded PostgreSQL, only when no dsn is set
+
+A blob path is built only by :meth:`BlobStore.path_for` from a parsed
+:class:`~modelcache.digest.Digest`. Bytes reach ``blobs/`` only by a rename
+from ``tmp/`` after they were hashed (and matched, when a digest was
+expected) and fsynced, so a crash leaves either no blob or a whole one.
+Writers hold an exclusive flock on their temp file: start-up removes every
+temp file nobody holds, which is exactly what a crash left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from .digest import Digest
+from .errors import ChecksumError, InvalidInput, NotFound, SourceChanged
+from .hashing import Hasher, hash_stream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """A committed blob: its digest, size, xxh3-128 fingerprint and path."""
+
+    digest: Digest
+    size: int
+    xxh3: str
+    path: Path
+
+
+def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TempBlob:
+    """A file in ``tmp/`` whose bytes are hashed as they are written (or, for a
+    hard-linked source, read once).
+
+    Use as a context manager; leaving it without :meth:`BlobStore.commit`
+    removes the temp file.
+    """
+
+    def __init__(self, store: "BlobStore", linked_from: Path | None = None) -> None:
+        self.path = store.tmp_dir / f"{secrets.token_hex(12)}.partial"
+        if linked_from is None:
+            self._file: BinaryIO | None = open(self.path, "xb")  # noqa: SIM115 - closed in close()
+        else:
+            os.link(linked_from, self.path)
+            self._file = open(self.path, "rb")  # noqa: SIM115
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.hasher = Hasher()
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self._file is not None, "write after close"
+        self.hasher.update(data)
+        self._file.write(data)
+
+    def copy_from(self, src: BinaryIO) -> None:
+        """Copy ``src`` to its end, hashing in the same pass."""
+        hash_stream(src, self.write)
+
+    def hash_in_place(self) -> None:
+        """Hash a hard-linked temp file: the bytes are read once and never copied."""
+        assert self._file is not None and not self.hasher.size
+        hash_stream(self._file, self.hasher.update)
+
+    def stat(self) -> os.stat_result:
+        assert self._file is not None
+        return os.fstat(self._file.fileno())
+
+    def finish(self) -> None:
+        """Flush and fsync; after this the bytes on disk are what was hashed."""
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()  # releases the flock
+            self._file = None
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "TempBlob":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+class BlobStore:
+    """The store under one data dir. All methods are blocking: call them through a thread."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir
+        self.blobs_dir = data_dir / "blobs" / "sha256"
+        self.tmp_dir = data_dir / "tmp"
+        self.quarantine_dir = data_dir / "quarantine"
+
+    # -- layout ---------------------------------------------------------------
+
+    def path_for(self, digest: Digest) -> Path:
+        """The one place a blob's path is made."""
+        return self.blobs_dir / digest.hex[:2] / digest.hex
+
+    def prepare(self) -> int:
+        """Create the layout and remove what a crash left in ``tmp/``; returns files removed."""
+        for path in (self.blobs_dir, self.tmp_dir, self.quarantine_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        return self.clean_tmp()
+
+    def clean_tmp(self) -> int:
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            path = Path(entry.path)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer holds it
+            else:
+                path.unlink(missing_ok=True)
+                removed += 1
+                logger.info("removed leftover temp file %s (%d bytes)", path, entry.stat().st_size)
+            finally:
+                os.close(fd)
+        return removed
+
+    # -- writing --------------------------------------------------------------
+
+    def temp(self) -> TempBlob:
+        return TempBlob(self)
+
+    def commit(self, temp: TempBlob, expected: Digest | None = None) -> Blob:
+        """Rename a finished temp file into place, read-only.
+
+        With ``expected`` the computed digest must match or nothing is kept.
+        Committing content that is already stored is a no-op.
+        """
+        digest = temp.hasher.digest
+        if expected is not None and digest != expected:
+            temp.discard()
+            raise ChecksumError("content", str(expected), str(digest))
+        target = self.path_for(digest)
+        if target.exists():
+            temp.discard()
+        else:
+            target.parent.mkdir(exist_ok=True)
+            os.chmod(temp.path, 0o444)
+            os.rename(temp.path, target)
+            _fsync_dir(target.parent)
+            temp.close()
+        return Blob(digest, temp.hasher.size, temp.hasher.xxh3, target)
+
+    def ingest_copy(self, src: Path, expected: Digest | None = None) -> Blob:
+        """Copy a file into the store, hashing in the same read pass; the source is untouched."""
+        with open_source(src) as f, self.temp() as temp:
+            before = _fingerprint(os.fstat(f.fileno()))
+            temp.copy_from(f)
+            temp.finish()
+            _check_unchanged(src, before, os.fstat(f.fileno()))
+            return self.commit(temp, expected)
+
+    def ingest_link(self, src: Path, expected: Digest | None = None) -> Blob:
+        """Take a file into the store by hard link: no copy, the bytes are hashed once in place.
+
+        The source name stays until the caller removes it after the registry
+        commit, so a crash at any point loses nothing. Falls back to a copy
+        when ``src`` is on another filesystem.
+        """
+        open_source(src).close()  # the same clear errors as a copy
+        try:
+            temp = TempBlob(self, linked_from=src)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                return self.ingest_copy(src, expected)
+            raise
+        with temp:
+            before = _fingerprint(temp.stat())
+            temp.hash_in_place()
+            temp.finish()
+            _check_unchanged(src, before, temp.stat())
+            return self.commit(temp, expected)
+
+    # -- reading and checking -------------------------------------------------
+
+    def size_on_disk(self, digest: Digest) -> int | None:
+        try:
+            return self.path_for(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def rehash(self, digest: Digest) -> Hasher:
+        """Hash a stored blob again (verification)."""
+        with open(self.path_for(digest), "rb") as f:
+            return hash_stream(f)
+
+    def quarantine(self, digest: Digest) -> Path:
+        """Move a blob out of ``blobs/`` so it can never be served; keeps the bytes for inspection."""
+        target = self.quarantine_dir / digest.hex
+        os.rename(self.path_for(digest), target)
+        _fsync_dir(self.quarantine_dir)
+        return target
+
+    def remove(self, digest: Digest) -> None:
+        self.path_for(digest).unlink(missing_ok=True)
+
+
+def open_source(path: Path) -> BinaryIO:
+    """Open a user's file for reading, with errors that name it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NotFound(f"{path}: no such file") from None
+    except PermissionError:
+        raise InvalidInput(f"{path}: permission denied") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInput(f"{path}: not a regular file")
+    try:
+        return open(path, "rb")
+    except PermissionError:
+        raise InvalidInput(f"{path}: permission denied") from None
+
+
+def _check_unchanged(src: Path, before: tuple[int, int, int, int], after_fd: os.stat_result) -> None:
+    try:
+        now = _fingerprint(os.stat(src))
+    except FileNotFoundError:
+        raise SourceChanged(f"{src}: removed while it was being read") from None
+    if now != before or _fingerprint(after_fd) != before:
+        raise SourceChanged(f"{src}: changed while it was being read (size or mtime moved)")
