@@ -105,7 +105,7 @@ def _with_database(settings: Settings, work: Callable, migrate_first: bool = Tru
     from .runtime import open_database
 
     async def go() -> Any:
-        async with open_database(settings) as db:
+        async with open_database(settings, wait=5) as db:
             if migrate_first:
                 await migrate(db)
             return await work(db)

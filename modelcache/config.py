@@ -94,11 +94,13 @@ class Settings:
 
 def _int(lo: int, hi: int) -> Callable[[Any], int]:
     def parse(raw: Any) -> int:
-        if isinstance(raw, bool):
-            raise ValueError("expected an integer")
-        value = int(raw, 10) if isinstance(raw, str) else raw
-        if not isinstance(value, int) or not lo <= value <= hi:
-            raise ValueError(f"expected an integer from {lo} to {hi}")
+        expected = ValueError(f"expected an integer from {lo} to {hi}")
+        try:
+            value = int(raw, 10) if isinstance(raw, str) else raw
+        except ValueError:
+            raise expected from None
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise expected
         return value
 
     return parse
@@ -106,11 +108,15 @@ def _int(lo: int, hi: int) -> Callable[[Any], int]:
 
 def _float(lo: float) -> Callable[[Any], float]:
     def parse(raw: Any) -> float:
+        expected = ValueError(f"expected a number of at least {lo}")
         if isinstance(raw, bool):
-            raise ValueError("expected a number")
-        value = float(raw)
-        if not value >= lo or value == float("inf"):
-            raise ValueError(f"expected a number of at least {lo}")
+            raise expected
+        try:
+            value = float(raw)
+        except (ValueError, TypeError):
+            raise expected from None
+        if not lo <= value < float("inf"):
+            raise expected
         return value
 
     return parse

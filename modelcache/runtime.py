@@ -19,8 +19,12 @@ logger = logging.getLogger(__name__)
 
 
 @asynccontextmanager
-async def open_database(settings: Settings) -> AsyncIterator[Database]:
-    """The configured database, or the embedded one under ``<data_dir>/pg``; closed on exit."""
+async def open_database(settings: Settings, wait: float = 30) -> AsyncIterator[Database]:
+    """The configured database, or the embedded one under ``<data_dir>/pg``; closed on exit.
+
+    ``wait`` is how long to wait for PostgreSQL: long for servers (it may be
+    starting beside us), short for one-shot CLI verbs.
+    """
     embedded = None
     dsn = settings.database.dsn
     if not dsn:
@@ -29,7 +33,7 @@ async def open_database(settings: Settings) -> AsyncIterator[Database]:
         dsn = await asyncio.to_thread(embedded.start)
     db = Database(dsn, settings.database.pool_min_size, settings.database.pool_max_size)
     try:
-        await db.open()
+        await db.open(timeout=wait)
         yield db
     finally:
         await db.close()

@@ -78,15 +78,21 @@ class Database:
             await self._pool.open(wait=True, timeout=timeout)
         except PoolTimeout as exc:
             await self._pool.close()
-            raise DatabaseUnavailable(f"cannot reach PostgreSQL at {describe_dsn(self.dsn)}") from exc
+            reason = f"no connection within {timeout:g}s"
+            try:  # one direct attempt, to tell the user why
+                conn = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=3)
+                await conn.close()
+            except psycopg.Error as direct:
+                reason = str(direct).strip().splitlines()[0]
+            raise DatabaseUnavailable(f"cannot reach PostgreSQL at {describe_dsn(self.dsn)}: {reason}") from exc
 
     async def close(self) -> None:
         await self._pool.close()
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
+    async def connection(self, timeout: float | None = None) -> AsyncIterator[Connection]:
         """A connection for a few statements; never hold it while hashing or copying."""
-        async with translated_errors(), self._pool.connection() as conn:
+        async with translated_errors(), self._pool.connection(timeout=timeout) as conn:
             yield conn
 
     @asynccontextmanager
@@ -94,8 +100,8 @@ class Database:
         async with self.connection() as conn, conn.transaction():
             yield conn
 
-    async def ping(self) -> None:
-        async with self.connection() as conn:
+    async def ping(self, timeout: float = 1.0) -> None:
+        async with self.connection(timeout=timeout) as conn:
             await conn.execute("SELECT 1")
 
     async def listen(

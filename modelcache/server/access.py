@@ -7,8 +7,7 @@ import logging
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from .auth import SUBJECT
-from .blobs import DIGEST, RANGE, SENT
+from .keys import DIGEST, RANGE, SENT, SUBJECT
 
 logger = logging.getLogger("modelcache.access")
 

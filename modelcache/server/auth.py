@@ -9,9 +9,7 @@ from aiohttp import web
 
 from ..auth import Subject, secret_sha256
 from ..errors import Unauthorized
-from .keys import CATALOG, SETTINGS
-
-SUBJECT = "subject"  # request key
+from .keys import CATALOG, SETTINGS, SUBJECT
 
 
 def authenticate(request: web.Request) -> Subject:

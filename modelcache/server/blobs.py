@@ -17,14 +17,10 @@ from ..digest import Digest
 from ..errors import Forbidden, NotFound
 from .auth import authenticate
 from .catalog import BlobEntry
-from .keys import CATALOG, STORE
+from .keys import CATALOG, DIGEST, RANGE, SENT, STORE
 from .ranges import ByteRange, Unsatisfiable, parse_range
 
 logger = logging.getLogger(__name__)
-
-DIGEST = "digest"  # request key, for the access log
-RANGE = "range"
-SENT = "sent"
 
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 

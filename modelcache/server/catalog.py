@@ -74,7 +74,8 @@ class Catalog:
 
     async def stop(self) -> None:
         self._stop.set()
-        self._dirty_event.set()
+        for task in self._tasks:
+            task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._flush_quietly()
 

@@ -18,9 +18,9 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     problems = []
     try:
-        await asyncio.wait_for(request.app[DATABASE].ping(), 3)
+        await asyncio.wait_for(request.app[DATABASE].ping(timeout=1), 2)
     except (DatabaseUnavailable, TimeoutError) as exc:
-        problems.append(f"database: {getattr(exc, 'detail', None) or 'no answer within 3s'}")
+        problems.append(f"database: {getattr(exc, 'detail', None) or 'no answer within 2s'}")
     store = request.app[STORE]
     if not await asyncio.to_thread(os.access, store.tmp_dir, os.W_OK):
         problems.append(f"store: {store.tmp_dir} is not writable")

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..auth import Subject
 from ..config import Settings
+from ..digest import Digest
 from ..db import Database
 from ..store import BlobStore
 from .catalog import Catalog
+from .ranges import ByteRange
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
 STORE = web.AppKey("store", BlobStore)
 CATALOG = web.AppKey("catalog", Catalog)
+
+# per request, for the access log
+SUBJECT = web.RequestKey("subject", Subject)
+DIGEST = web.RequestKey("digest", Digest)
+RANGE = web.RequestKey("range", ByteRange)
+SENT = web.RequestKey("sent", int)
