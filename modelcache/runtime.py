@@ -70,6 +70,7 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True) -> 
                         settings.server.port)
         logger.info("data dir %s; import folder %s; database: %s", settings.data_dir, settings.import_dir,
                     database_label(settings))
+        await _hint_first_token(db, settings)
         daemon = None
         if watch:
             from .syncd.daemon import SyncDaemon
@@ -85,3 +86,12 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True) -> 
             if runner is not None:
                 await runner.cleanup()
     logger.info("stopped")
+
+
+async def _hint_first_token(db: Database, settings: Settings) -> None:
+    from .tokens import list_tokens
+
+    if not any(t["revoked_at"] is None for t in await list_tokens(db)):
+        where = "--dsn DSN" if settings.database.dsn else f"--data-dir {settings.data_dir}"
+        logger.info("no API tokens yet; create the admin token with: modelcache token create --role admin "
+                    "--name admin %s", where)

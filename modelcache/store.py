@@ -151,9 +151,10 @@ class BlobStore:
             except BlockingIOError:
                 continue  # a live writer holds it
             else:
+                size = os.fstat(fd).st_size
                 path.unlink(missing_ok=True)
                 removed += 1
-                logger.info("removed leftover temp file %s (%d bytes)", path, entry.stat().st_size)
+                logger.info("removed leftover temp file %s (%d bytes)", path, size)
             finally:
                 os.close(fd)
         return removed

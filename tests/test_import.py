@@ -1,0 +1,136 @@
+"""``modelcache import`` through the real CLI, against a real registry and store."""
+
+import hashlib
+import json
+import struct
+
+import psycopg
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.registry
+
+
+@pytest.fixture
+def mc(dsn, settings):
+    def run(*args):
+        return run_cli(*args, "--dsn", dsn, "--data-dir", str(settings.data_dir))
+
+    return run
+
+
+def query(dsn, sql, *params):
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def safetensors_bytes() -> bytes:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    return struct.pack("<Q", len(header)) + header + b"\0" * 8
+
+
+def test_import_copies_registers_promotes_audits_and_prints_the_digest(mc, dsn, make_file, settings):
+    src = make_file(prefix=b"GGUF", size=10_000)
+    before = (src.stat().st_mtime_ns, src.stat().st_mode)
+    done = mc("import", str(src), "--model", "llama3", "--version", "8b-q4", "--vendor", "meta")
+    assert done.returncode == 0, done.stderr
+    digest = "sha256:" + hashlib.sha256(src.read_bytes()).hexdigest()
+    assert done.stdout.strip().splitlines()[-1] == digest
+    assert (src.stat().st_mtime_ns, src.stat().st_mode) == before  # untouched without --move
+    blob = settings.data_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    assert blob.read_bytes() == src.read_bytes()
+    [art] = query(dsn, """SELECT a.artifact_type, a.state, a.size_bytes, a.cache_path, m.name, m.vendor, v.version
+                            FROM model_artifacts a JOIN model_versions v ON v.id = a.model_version_id
+                            JOIN models m ON m.id = v.model_id WHERE a.sha256 = %s""", digest[7:])
+    assert art == ("gguf", "promoted", 10_004, str(blob), "llama3", "meta", "8b-q4")
+    [b] = query(dsn, "SELECT size_bytes, length(xxh3_128), state FROM blobs WHERE digest = %s", digest)
+    assert b == (10_004, 32, "present")
+    [audit] = query(dsn, "SELECT subject_type, action, decision, outcome, resource FROM model_audit_log")
+    assert audit == ("local", "model_artifact.import", "allow", "created", digest)
+    assert "imported" in done.stderr and digest in done.stderr and "MB/s" in done.stderr
+
+
+def test_move_renames_into_the_store_without_a_second_copy(mc, make_file, settings):
+    src = make_file(prefix=b"GGUF")
+    inode = src.stat().st_ino
+    done = mc("import", str(src), "--model", "m", "--version", "1", "--move")
+    assert done.returncode == 0, done.stderr
+    digest = done.stdout.strip().splitlines()[-1]
+    assert not src.exists()
+    assert (settings.data_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]).stat().st_ino == inode
+
+
+def test_type_is_read_from_content(mc, dsn, make_file):
+    st = make_file(content=safetensors_bytes(), name="model.safetensors")
+    assert mc("import", str(st), "--model", "st", "--version", "1").returncode == 0
+    assert query(dsn, "SELECT artifact_type FROM model_artifacts") == [("safetensors",)]
+
+
+def test_unknown_content_needs_type(mc, make_file, dsn):
+    src = make_file(content=b"just text\n", name="notes.txt")
+    done = mc("import", str(src), "--model", "m", "--version", "1")
+    assert done.returncode == 1
+    assert "notes.txt: cannot tell the artifact type" in done.stderr.strip().splitlines()[-1]
+    assert query(dsn, "SELECT count(*) FROM model_artifacts") == [(0,)]
+
+
+@pytest.mark.parametrize("args,code,fragment", [
+    (["--model", "bad name", "--version", "1"], 2, "invalid model name 'bad name'"),
+    (["--model", "m", "--version", "-rc"], 2, "invalid version '-rc'"),
+    (["--model", "m"], 2, "Missing option '--version'"),
+])
+def test_bad_usage_is_exit_2_naming_the_value(mc, make_file, args, code, fragment):
+    done = mc("import", str(make_file(prefix=b"GGUF")), *args)
+    assert done.returncode == code
+    assert fragment in done.stderr
+
+
+def test_missing_file_is_named(mc, tmp_path, dsn):
+    done = mc("import", str(tmp_path / "gone.gguf"), "--model", "m", "--version", "1")
+    assert done.returncode == 1
+    assert "gone.gguf: no such file" in done.stderr.strip().splitlines()[-1]
+    [audit] = query(dsn, "SELECT action, outcome, reason FROM model_audit_log")
+    assert audit[0] == "model_artifact.import" and audit[1] == "failed" and "gone.gguf" in audit[2]
+
+
+def test_same_bytes_same_version_is_a_noop_and_other_model_is_refused(mc, dsn, make_file):
+    src = make_file(prefix=b"GGUF")
+    first = mc("import", str(src), "--model", "a", "--version", "1")
+    again = mc("import", str(src), "--model", "a", "--version", "1")
+    assert again.returncode == 0 and again.stdout == first.stdout
+    assert "already present" in again.stderr
+    other = mc("import", str(src), "--model", "b", "--version", "1")
+    assert other.returncode == 1
+    assert "already artifact" in other.stderr and "a:1" in other.stderr
+    assert query(dsn, "SELECT count(*) FROM model_artifacts") == [(1,)]
+
+
+def test_auto_promote_off_leaves_the_artifact_staged(mc, dsn, make_file):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO preference_entries (scope_type, key, value, value_type, updated_by) "
+                     "VALUES ('system', 'models.import.auto_promote', 'false', 'boolean', 'test')")
+    done = mc("import", str(make_file(prefix=b"GGUF")), "--model", "m", "--version", "1")
+    assert done.returncode == 0
+    assert query(dsn, "SELECT state FROM model_artifacts") == [("staged",)]
+
+
+def test_folder_becomes_one_artifact_of_several_blobs(mc, dsn, tmp_path):
+    folder = tmp_path / "snapshot"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(safetensors_bytes())
+    (folder / "sub" / "tokenizer.json").write_text("{}")
+    (folder / ".cache").write_text("ignored")
+    done = mc("import", str(folder), "--model", "tiny-llama", "--version", "main", "--vendor", "acme")
+    assert done.returncode == 0, done.stderr
+    digest = done.stdout.strip().splitlines()[-1]
+    files = query(dsn, """SELECT f.path, f.blob_digest, f.size_bytes FROM artifact_files f
+                            JOIN model_artifacts a ON a.id = f.artifact_id WHERE a.sha256 = %s ORDER BY f.path""",
+                  digest[7:])
+    assert [f[0] for f in files] == ["config.json", "model.safetensors", "sub/tokenizer.json"]
+    for path, blob_digest, size in files:
+        data = (folder / path).read_bytes()
+        assert blob_digest == "sha256:" + hashlib.sha256(data).hexdigest() and size == len(data)
+    [(atype, size)] = query(dsn, "SELECT artifact_type, size_bytes FROM model_artifacts")
+    assert atype == "safetensors" and size == sum(f[2] for f in files)
