@@ -122,9 +122,18 @@ def db() -> None:
 @_host_options(with_listen=False)
 def db_migrate(settings: Settings) -> None:
     """Bring the database schema up to date."""
+    from .db import registry
     from .db.migrate import migrate
 
-    applied = _with_database(settings, migrate, migrate_first=False)
+    async def work(db):
+        applied = await migrate(db)
+        async with db.connection() as conn:
+            await registry.audit(conn, Subject.local(), "schema.migrate", "schema", None,
+                                 outcome="applied" if applied else "unchanged",
+                                 details={"applied": [f"{m.version:04d}_{m.name}" for m in applied]})
+        return applied
+
+    applied = _with_database(settings, work, migrate_first=False)
     if applied:
         for m in applied:
             click.echo(f"applied {m.version:04d}_{m.name}")

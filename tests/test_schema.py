@@ -97,6 +97,9 @@ def test_db_status_and_migrate_cli(make_database):
     assert "schema is up to date" in done.stdout
     done = run_cli("db", "status", "--dsn", dsn)
     assert "database: 1; code: 1; pending: 0" in done.stdout
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT subject_type, action, outcome FROM model_audit_log ORDER BY created_at").fetchall()
+    assert rows == [("local", "schema.migrate", "applied"), ("local", "schema.migrate", "unchanged")]
 
 
 def test_unreachable_database_is_one_clear_line(tmp_path):
