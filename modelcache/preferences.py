@@ -1,29 +1,109 @@
-"""Policy: preferences kept in PostgreSQL (scope ``system``), with their types and defaults."""
+"""Policy: preferences kept in PostgreSQL (scope ``system``), typed, versioned and audited."""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from .db import registry
-from .db.pool import Database
+from .auth import Subject
+from .db import Database, management, registry
+from .errors import Conflict, InvalidInput
 
-# key -> (value_type, default). The one place preference defaults live.
-KEYS: dict[str, tuple[str, Any]] = {
-    "models.cache.max_bytes": ("number", 100 * 1024**3),
-    "models.cache.evict_policy": ("string", "lru"),
-    "models.download.allowed_sources": ("array", []),
-    "models.download.require_user_approval": ("boolean", True),
-    "models.nodes.prefer_local_cache": ("boolean", True),
-    "models.import.auto_promote": ("boolean", True),
+logger = logging.getLogger(__name__)
+
+
+def _number(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError("expected a number of at least 0")
+
+
+def _boolean(value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+
+
+def _policy(value: Any) -> None:
+    if value not in ("lru", "largest_first", "none"):
+        raise ValueError("expected one of 'lru', 'largest_first', 'none'")
+
+
+def _sources(value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("expected an array of source ids or URL prefixes (non-empty strings)")
+
+
+@dataclass(frozen=True)
+class Key:
+    value_type: str  # number, string, array, boolean (CyNodeAI's value_type)
+    default: Any
+    check: Callable[[Any], None]
+    description: str
+
+
+# The one place preference keys, their types and defaults live.
+KEYS: dict[str, Key] = {
+    "models.cache.max_bytes": Key("number", 100 * 1024**3, _number,
+                                  "Most bytes of blobs the cache holds once an import or download completes."),
+    "models.cache.evict_policy": Key("string", "lru", _policy,
+                                     "lru, largest_first, or none (refuse new content when full)."),
+    "models.download.allowed_sources": Key("array", [], _sources,
+                                           "Source ids or URL prefixes downloads may come from."),
+    "models.download.require_user_approval": Key("boolean", True, _boolean,
+                                                 "Downloads wait for an admin's approval."),
+    "models.nodes.prefer_local_cache": Key("boolean", True, _boolean,
+                                           "Selection prefers nodes that already have the model."),
+    "models.import.auto_promote": Key("boolean", True, _boolean,
+                                      "Imported artifacts are promoted (visible to nodes) at once."),
 }
+
+
+def parse_key(key: str) -> Key:
+    if key not in KEYS:
+        raise InvalidInput(f"unknown preference {key!r}; known: {', '.join(KEYS)}")
+    return KEYS[key]
 
 
 async def effective(db: Database) -> dict[str, Any]:
     """Every known key's value: the stored one, else the default."""
+    return {key: entry["value"] for key, entry in (await entries(db)).items()}
+
+
+async def entries(db: Database) -> dict[str, dict]:
+    """Every known key with its value, version, who set it and when (defaults have version 0)."""
     async with db.connection() as conn:
         stored = await registry.system_preferences(conn)
-    values = {key: default for key, (_, default) in KEYS.items()}
-    for key, row in stored.items():
-        if key in KEYS and row["value_type"] == KEYS[key][0]:
-            values[key] = row["value"]
-    return values
+    out = {}
+    for key, spec in KEYS.items():
+        row = stored.get(key)
+        if row is not None and row["value_type"] == spec.value_type:
+            out[key] = {"key": key, "value": row["value"], "value_type": spec.value_type, "version": row["version"],
+                        "updated_at": row["updated_at"], "updated_by": row["updated_by"], "default": False}
+        else:
+            out[key] = {"key": key, "value": spec.default, "value_type": spec.value_type, "version": 0,
+                        "updated_at": None, "updated_by": None, "default": True}
+    return out
+
+
+async def set_preference(db: Database, key: str, value: Any, subject: Subject, *,
+                         expected_version: int | None = None, reason: str | None = None) -> dict:
+    """Store a typed value; a stale ``expected_version`` is a Conflict. Audited with old and new value."""
+    spec = parse_key(key)
+    try:
+        spec.check(value)
+    except ValueError as exc:
+        raise InvalidInput(f"preference {key} = {value!r}: {exc}") from None
+    async with db.transaction() as conn:
+        old = await management.get_preference(conn, key, for_update=True)
+        current = old["version"] if old else 0
+        if expected_version is not None and expected_version != current:
+            raise Conflict(f"preference {key} is at version {current}, not {expected_version}: "
+                           "someone changed it; read it again and retry")
+        row = await management.upsert_preference(conn, key, value, spec.value_type, str(subject), old)
+        old_value = old["value"] if old else spec.default
+        await management.preference_audit(conn, row["id"], old_value, value, str(subject), reason)
+        await registry.audit(conn, subject, "preference.update", "preference", key, reason=reason,
+                             details={"old_value": old_value, "new_value": value, "version": row["version"]})
+    logger.info("preference %s changed from %r to %r (version %d) by %s%s", key, old_value, value, row["version"],
+                subject, f": {reason}" if reason else "")
+    return (await entries(db))[key]

@@ -11,9 +11,10 @@ from aiohttp import web
 from ..config import Settings
 from ..db import Database
 from ..store import BlobStore
-from . import blobs, health
+from . import admin_api, api, blobs, health, openapi, registry_api  # noqa: F401 - the API modules declare endpoints
 from .catalog import Catalog
-from .keys import CATALOG, DATABASE, SETTINGS, STORE
+from .keys import CATALOG, DATABASE, METRICS, OPENAPI, SETTINGS, STORE
+from .metrics import Metrics, count_requests, serve_metrics
 from .problems import problems_middleware
 
 logger = logging.getLogger(__name__)
@@ -23,16 +24,21 @@ DIGEST_PATTERN = "{digest:[^/]+}"
 
 def create_app(settings: Settings, db: Database) -> web.Application:
     """Assemble the server around an open, migrated database."""
-    app = web.Application(middlewares=[problems_middleware], client_max_size=1 << 20)
+    app = web.Application(middlewares=[count_requests, problems_middleware], client_max_size=1 << 20)
     app[SETTINGS] = settings
     app[DATABASE] = db
     app[STORE] = BlobStore(settings.data_dir)
     app[CATALOG] = Catalog(db)
+    app[METRICS] = Metrics()
+    app[OPENAPI] = openapi.build()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_catalog_ctx)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/metrics", serve_metrics)
+    app.router.add_get("/v1/openapi.json", openapi.serve_openapi)
     app.router.add_get(f"/v1/blobs/{DIGEST_PATTERN}", blobs.get_blob)  # also answers HEAD
+    api.add_routes(app)
     return app
 
 

@@ -17,7 +17,7 @@ from ..digest import Digest
 from ..errors import Forbidden, NotFound
 from .auth import authenticate
 from .catalog import BlobEntry
-from .keys import CATALOG, DIGEST, RANGE, SENT, STORE
+from .keys import CATALOG, DIGEST, METRICS, RANGE, SENT, STORE
 from .ranges import ByteRange, Unsatisfiable, parse_range
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ async def _sendfile(request: web.Request, response: web.StreamResponse, digest: 
         if count:
             await asyncio.get_running_loop().sendfile(transport, f, offset, count)
         request[SENT] = count
+        request.app[METRICS].bytes_served.inc(count)
         await response.write_eof()
     finally:
         f.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from ..auth import Subject
@@ -12,10 +14,15 @@ from ..store import BlobStore
 from .catalog import Catalog
 from .ranges import ByteRange
 
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
 STORE = web.AppKey("store", BlobStore)
 CATALOG = web.AppKey("catalog", Catalog)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+OPENAPI = web.AppKey("openapi", dict)
 
 # per request, for the access log
 SUBJECT = web.RequestKey("subject", Subject)

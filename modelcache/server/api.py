@@ -1,0 +1,194 @@
+"""The ``/v1/`` management API's one road: declare an endpoint once, get routing, auth, parsing and OpenAPI.
+
+Each endpoint names the roles allowed to call it and the audit action it
+performs. The wrapper authenticates, checks the role (a denial is audited and
+answered 403), parses the query and JSON body into pydantic models (unknown
+fields, wrong types and bad values are 422 naming the field; malformed JSON is
+400; oversized bodies 413), calls the handler and serialises its answer.
+The same declarations build the OpenAPI document (``openapi.py``), so the
+description cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..auth import Role, Subject
+from ..db import registry
+from ..errors import DatabaseUnavailable, Forbidden, InvalidInput, ModelcacheError, Unauthorized
+from .auth import authenticate
+from .keys import DATABASE
+
+logger = logging.getLogger(__name__)
+
+ALL_ROLES = frozenset(Role)
+MANAGERS = frozenset({Role.ADMIN, Role.OPERATOR})
+ADMINS = frozenset({Role.ADMIN})
+
+
+class Strict(BaseModel):
+    """Request models: unknown fields are errors, nothing is coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Query(BaseModel):
+    """Query-string models: values arrive as strings and are parsed; unknown parameters are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ValidationProblem(ModelcacheError):
+    status = 422
+    title = "Validation failed"
+
+
+@dataclass
+class Call:
+    """What a handler gets: the request, who is calling, and the parsed inputs."""
+
+    request: web.Request
+    subject: Subject
+    body: Any = None
+    query: Any = None
+
+    @property
+    def db(self):
+        return self.request.app[DATABASE]
+
+    def param(self, name: str) -> str:
+        return self.request.match_info[name]
+
+
+Handler = Callable[[Call], Awaitable[Any]]
+
+
+@dataclass
+class Endpoint:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    roles: frozenset[Role]
+    action: str  # noun.verb, as audited
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    response: Any = None  # a pydantic model (or list[...]) describing the answer
+    status: int = 200
+    streamed_body: bool = False  # the handler reads request.content itself
+    tags: list[str] = field(default_factory=list)
+
+
+ENDPOINTS: list[Endpoint] = []
+
+
+def endpoint(method: str, path: str, *, summary: str, roles: frozenset[Role], action: str,
+             body: type[BaseModel] | None = None, query: type[BaseModel] | None = None, response: Any = None,
+             status: int = 200, streamed_body: bool = False, tag: str = "registry") -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        ENDPOINTS.append(Endpoint(method, path, handler, summary, roles, action, body, query, response, status,
+                                  streamed_body, [tag]))
+        return handler
+
+    return register
+
+
+def add_routes(app: web.Application) -> None:
+    for ep in ENDPOINTS:
+        app.router.add_route(ep.method, ep.path, _wrap(ep))
+
+
+def _wrap(ep: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            subject = authenticate(request)
+        except Unauthorized as exc:
+            await _audit_denial(request, Subject("anonymous", request.remote), ep, exc.detail)
+            raise
+        if subject.role not in ep.roles:
+            await _audit_denial(request, subject, ep, f"role {subject.role.value if subject.role else 'none'} "
+                                f"may not {ep.action}")
+            raise Forbidden(f"{ep.action} needs role {' or '.join(sorted(r.value for r in ep.roles))}; "
+                            f"{subject} has {subject.role.value if subject.role else 'none'}")
+        call = Call(request, subject)
+        if ep.query is not None:
+            call.query = _parse(ep.query, _query_dict(request), "query parameter")
+        elif request.query:
+            raise ValidationProblem(f"unknown query parameter {next(iter(request.query))!r}")
+        if ep.body is not None:
+            call.body = _parse(ep.body, await _json_body(request), "field")
+        result = await ep.handler(call)
+        if isinstance(result, web.StreamResponse):
+            return result
+        return web.json_response(_dump(result), status=ep.status, dumps=_dumps)
+
+    handle.__name__ = ep.handler.__name__
+    return handle
+
+
+def _query_dict(request: web.Request) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in request.query:
+        values = request.query.getall(key)
+        out[key] = values[0] if len(values) == 1 else values
+    return out
+
+
+async def _json_body(request: web.Request) -> Any:
+    if not request.can_read_body:
+        raise InvalidInput("a JSON body is required")
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"the body is not valid JSON: {exc}") from None
+
+
+def _parse(model: type[BaseModel], data: Any, what: str) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationProblem(describe_validation(exc, what)) from None
+
+
+def describe_validation(exc: ValidationError, what: str = "field") -> str:
+    """One sentence naming each field at fault, e.g. ``field 'role': Input should be 'admin' or ...``."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = f"unknown {what}"
+        parts.append(f"{what} {loc!r}: {message}")
+    return "; ".join(parts)
+
+
+def _dump(result: Any) -> Any:
+    if isinstance(result, BaseModel):
+        return result.model_dump(mode="json")
+    if isinstance(result, list):
+        return [_dump(item) for item in result]
+    if isinstance(result, dict):
+        return {key: _dump(value) for key, value in result.items()}
+    return result
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+async def _audit_denial(request: web.Request, subject: Subject, ep: Endpoint, reason: str) -> None:
+    try:
+        async with request.app[DATABASE].connection() as conn:
+            await registry.audit(conn, subject, ep.action, ep.tags[0], request.path, decision="deny",
+                                 outcome="denied", reason=reason)
+    except DatabaseUnavailable as exc:
+        logger.error("could not audit a denied %s by %s: %s", ep.action, subject, exc.detail)
+    logger.warning("denied %s %s to %s: needs %s", request.method, request.path, subject,
+                   "/".join(sorted(r.value for r in ep.roles)))

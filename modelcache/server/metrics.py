@@ -1,0 +1,85 @@
+"""``GET /metrics``: Prometheus text.
+
+Traffic counters are counted in this process; stock figures (bytes used and
+allowed, artifacts by state, imports, evictions, quarantines, download bytes)
+are read from the registry at scrape time, so they are right whichever
+process (server, daemon, CLI) did the work. While PostgreSQL is down the last
+figures are served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from .. import preferences
+from ..db import management
+from ..errors import DatabaseUnavailable
+from .keys import CATALOG, DATABASE, METRICS
+
+logger = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("modelcache_http_requests", "HTTP requests answered", ["method", "status"],
+                                registry=r)
+        self.bytes_served = Counter("modelcache_bytes_served", "Blob bytes sent to clients", registry=r)
+        self.cache_used = Gauge("modelcache_cache_bytes_used", "Bytes of blobs present in the store", registry=r)
+        self.cache_max = Gauge("modelcache_cache_bytes_max", "models.cache.max_bytes", registry=r)
+        self.blobs = Gauge("modelcache_blobs", "Blobs the server knows, by state", ["state"], registry=r)
+        self.artifacts = Gauge("modelcache_artifacts", "Artifacts by state", ["state"], registry=r)
+        self.events = Gauge("modelcache_events", "Audited events so far, by action and outcome",
+                            ["action", "outcome"], registry=r)
+        self.download_bytes = Gauge("modelcache_download_bytes", "Bytes fetched by user-directed downloads",
+                                    registry=r)
+
+    async def refresh(self, app: web.Application) -> None:
+        catalog = app[CATALOG]
+        states: dict[str, int] = {}
+        for entry in list(catalog.blobs.values()):
+            states[entry.state] = states.get(entry.state, 0) + 1
+        for state, n in states.items():
+            self.blobs.labels(state).set(n)
+        try:
+            db = app[DATABASE]
+            prefs = await preferences.effective(db)
+            async with db.connection(timeout=1) as conn:
+                used = await management.cache_usage(conn)
+                by_state = await management.counts_by_state(conn)
+                events = await management.event_counts(conn)
+                downloaded = await management.download_bytes(conn)
+        except DatabaseUnavailable as exc:
+            logger.debug("metrics from the registry unavailable: %s", exc.detail)
+            return
+        self.cache_used.set(used)
+        self.cache_max.set(prefs["models.cache.max_bytes"])
+        for state in ("staged", "promoted", "evicted", "quarantined"):
+            self.artifacts.labels(state).set(by_state.get(state, 0))
+        for (action, outcome), n in events.items():
+            self.events.labels(action, outcome or "").set(n)
+        self.download_bytes.set(downloaded)
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler) -> web.StreamResponse:
+
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        request.app[METRICS].requests.labels(request.method, str(exc.status)).inc()
+        raise
+    request.app[METRICS].requests.labels(request.method, str(response.status)).inc()
+    return response
+
+
+async def serve_metrics(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    await asyncio.wait_for(metrics.refresh(request.app), 5)
+    body = generate_latest(metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
