@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_MAX_LIFETIME = 3650 * 86400
 
 
 def parse_duration(text: str) -> dt.timedelta:
@@ -22,7 +23,10 @@ def parse_duration(text: str) -> dt.timedelta:
     match = _DURATION.fullmatch(text.strip()) if isinstance(text, str) else None
     if match is None or int(match.group(1)) == 0:
         raise InvalidInput(f"invalid duration {text!r}: expected a positive number and a unit, such as 90s, 12h or 30d")
-    return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > _MAX_LIFETIME:
+        raise InvalidInput(f"invalid duration {text!r}: at most 3650d (ten years)")
+    return dt.timedelta(seconds=seconds)
 
 
 def parse_node_id(text: str | None) -> uuid.UUID | None:

@@ -89,6 +89,7 @@ async def test_no_token_is_401_and_audited(api):
     ("GET", "/v1/artifacts/not-an-id", {}, 400, "invalid artifact reference"),
     ("GET", "/v1/artifacts/sha256:" + "0" * 64, {}, 404, "no artifact"),
     ("GET", "/v1/versions/123", {}, 404, "is not an id"),
+    ("GET", "/v1/versions?language=a%00b", {}, 400, "value not storable"),
 ])
 async def test_bad_input_gets_a_problem_naming_the_field(api, method, path, kwargs, status, fragment):
     got, body = await api(method, path, **kwargs)

@@ -15,7 +15,7 @@ import psycopg.errors
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from ..errors import Conflict, DatabaseUnavailable
+from ..errors import Conflict, DatabaseUnavailable, InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,11 @@ async def translated_errors() -> AsyncIterator[None]:
     except psycopg.errors.UniqueViolation as exc:
         name = exc.diag.constraint_name or ""
         raise Conflict(_CONFLICTS.get(name, f"unique constraint {name} violated")) from exc
+    except psycopg.errors.DataError as exc:
+        # e.g. a NUL character, which PostgreSQL text and jsonb cannot hold
+        raise InvalidInput(f"value not storable: {str(exc).strip().splitlines()[0]}") from exc
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"value not storable: {exc.reason} (a lone surrogate in a string?)") from exc
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise DatabaseUnavailable(f"database unavailable: {str(exc).strip().splitlines()[0]}") from exc
 
