@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, StrictBool
 
-from .. import artifacts
+from .. import artifacts, scrub
 from ..auth import Role
 from ..db import management, registry
 from ..errors import NotFound
@@ -298,3 +298,16 @@ async def verify(call: Call) -> VerifyOut:
     return VerifyOut(ok=report["ok"], artifact=artifact_out(report["artifact"]),
                      blobs=[BlobCheckOut(**b) for b in report["blobs"]])
 
+
+
+class ScrubOut(BaseModel):
+    ok: bool
+    blobs: list[BlobCheckOut]
+
+
+@endpoint("POST", "/v1/scrub", summary="Verify every blob now; mismatches are quarantined", roles=MANAGERS,
+          action="blob.scrub", response=ScrubOut)
+async def scrub_all(call: Call) -> ScrubOut:
+    checks = await scrub.scrub(call.db, call.request.app[STORE], call.subject)
+    return ScrubOut(ok=all(c.ok for c in checks),
+                    blobs=[BlobCheckOut(digest=c.digest, ok=c.ok, reason=c.reason) for c in checks])
