@@ -71,6 +71,14 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True) -> 
         logger.info("data dir %s; import folder %s; database: %s", settings.data_dir, settings.import_dir,
                     database_label(settings))
         await _hint_first_token(db, settings)
+        scrubber = None
+        if serve and settings.storage.scrub_interval > 0:
+            from .scrub import scrub_forever
+            from .store import BlobStore
+
+            scrubber = asyncio.create_task(
+                scrub_forever(db, BlobStore(settings.data_dir), settings.storage.scrub_interval, stop))
+            logger.info("scrubbing every blob every %gs", settings.storage.scrub_interval)
         daemon = None
         if watch:
             from .syncd.daemon import SyncDaemon
@@ -81,6 +89,9 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True) -> 
             await stop.wait()
             logger.info("stopping")
         finally:
+            if scrubber is not None:
+                scrubber.cancel()
+                await asyncio.gather(scrubber, return_exceptions=True)
             if daemon is not None:
                 await daemon.stop()
             if runner is not None:
