@@ -15,14 +15,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 from . import preferences
 from .auth import Subject
 from .db import registry
 from .db.pool import Database
 from .digest import Digest
-from .errors import ImportRejected, InvalidInput, ModelcacheError, NotFound
+from .errors import ImportRejected, InvalidInput, ModelcacheError, NotFound, SourceChanged
 from .formats import detect_type, parse_artifact_type
+from .metadata import read_capabilities
 from .names import parse_model_name, parse_vendor, parse_version
 from .store import Blob, BlobStore
 
@@ -40,10 +42,22 @@ class ImportRequest:
     artifact_type: str | None = None
     move: bool = False
     source_uri: str | None = None
+    # Given by the user (a sidecar, the API): merged into model_versions.capabilities and
+    # default_parameters, and models.description, never overwriting a key already there.
+    capabilities: Mapping[str, Any] | None = None
+    default_parameters: Mapping[str, Any] | None = None
+    description: str | None = None
+    # Read the GGUF/safetensors headers into capabilities (under the user's keys); a truncated
+    # or malformed header rejects the import.
+    inspect: bool = False
+    # Files of a folder (paths relative to it) that are not part of the artifact, e.g. its modelcache.json.
+    exclude: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, path: str | Path, model: str, version: str, vendor: str | None = None,
-              artifact_type: str | None = None, move: bool = False, source_uri: str | None = None) -> "ImportRequest":
+              artifact_type: str | None = None, move: bool = False, source_uri: str | None = None, *,
+              capabilities: Any = None, default_parameters: Any = None, description: Any = None,
+              inspect: bool = False, exclude: tuple[str, ...] = ()) -> "ImportRequest":
         return cls(
             path=Path(path),
             model=parse_model_name(model),
@@ -52,6 +66,11 @@ class ImportRequest:
             artifact_type=parse_artifact_type(artifact_type) if artifact_type else None,
             move=move,
             source_uri=source_uri,
+            capabilities=parse_json_object(capabilities, "capabilities"),
+            default_parameters=parse_json_object(default_parameters, "default_parameters"),
+            description=parse_description(description),
+            inspect=inspect,
+            exclude=tuple(exclude),
         )
 
     @property
@@ -70,6 +89,8 @@ class ImportResult:
     created: bool  # False: the same bytes were already registered under this model and version
     seconds: float
     files: list[Blob] = field(default_factory=list)
+    # what the headers told (with inspect), before the user's capabilities were laid over it
+    content_capabilities: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mb_per_s(self) -> float:
@@ -102,6 +123,12 @@ async def _import(db: Database, store: BlobStore, req: ImportRequest, subject: S
     if not await asyncio.to_thread(req.path.exists):
         raise NotFound(f"{req.path}: no such file or folder")
     artifact_type = req.artifact_type or await asyncio.to_thread(detect_type, req.path)
+    content_caps: dict[str, Any] = {}
+    if req.inspect:
+        # the headers are read before the bytes are hashed: the files must still be the
+        # same ones (inode, size, mtime) once the hash is done, or the header may not be theirs
+        before = await asyncio.to_thread(_fingerprints, req)
+        content_caps = await asyncio.to_thread(read_capabilities, req.path, artifact_type, req.exclude)
     if await asyncio.to_thread(req.path.is_dir):
         files, manifest = await asyncio.to_thread(_ingest_folder, store, req)
         digest, size = manifest.digest, sum(b.size for _, b in files)
@@ -110,6 +137,8 @@ async def _import(db: Database, store: BlobStore, req: ImportRequest, subject: S
         blob = await asyncio.to_thread(ingest, req.path)
         files, manifest = [(req.path.name, blob)], blob
         digest, size = blob.digest, blob.size
+    if req.inspect and await asyncio.to_thread(_fingerprints, req) != before:
+        raise SourceChanged(f"{req.path}: changed between reading its header and hashing it")
 
     auto_promote = (await preferences.effective(db))["models.import.auto_promote"]
     async with db.transaction() as conn:
@@ -144,6 +173,11 @@ async def _import(db: Database, store: BlobStore, req: ImportRequest, subject: S
             for path, blob in files:
                 await registry.insert_artifact_file(
                     conn, artifact["id"], path, blob.digest, blob.size, _media_type(path, artifact_type))
+            capabilities = {**content_caps, **(req.capabilities or {})}
+            if capabilities or req.default_parameters:
+                await registry.merge_version_metadata(conn, version_id, capabilities, req.default_parameters)
+            if req.description:
+                await registry.describe_model(conn, model_id, req.description, str(subject))
             created = True
         await registry.audit(
             conn, subject, "model_artifact.import", "model_artifact", str(digest),
@@ -152,17 +186,61 @@ async def _import(db: Database, store: BlobStore, req: ImportRequest, subject: S
                      "size_bytes": size, "state": artifact["state"]},
         )
     if req.move:
-        await asyncio.to_thread(_remove_source, req.path)
+        await asyncio.to_thread(_remove_source, req.path, [path for path, _ in files])
     return ImportResult(
         artifact_id=artifact["id"], digest=digest, size=size, artifact_type=artifact_type,
         state=artifact["state"], created=created, seconds=time.monotonic() - started,
-        files=[b for _, b in files],
+        files=[b for _, b in files], content_capabilities=content_caps,
+    )
+
+
+def parse_json_object(value: Any, what: str) -> dict[str, Any] | None:
+    """A JSON object with string keys (capabilities, default_parameters), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise InvalidInput(f"invalid {what} {_shown(value)}: expected a JSON object with string keys")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"invalid {what}: not JSON ({exc})") from None
+    return dict(value)
+
+
+def parse_description(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 4000:
+        raise InvalidInput(f"invalid description {_shown(value)}: expected a string of at most 4000 characters")
+    return value or None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else f"{text[:100]}..."
+
+
+def _fingerprints(req: ImportRequest) -> list[tuple[str, int, int, int]]:
+    paths = [req.path] if not req.path.is_dir() else _folder_files(req)
+    found = []
+    for p in paths:
+        st = p.stat()
+        found.append((str(p), st.st_ino, st.st_size, st.st_mtime_ns))
+    return found
+
+
+def _folder_files(req: ImportRequest) -> list[Path]:
+    exclude = set(req.exclude)
+    return sorted(
+        p for p in req.path.rglob("*")
+        if p.is_file() and not _hidden(p.relative_to(req.path))
+        and p.relative_to(req.path).as_posix() not in exclude
     )
 
 
 def _ingest_folder(store: BlobStore, req: ImportRequest) -> tuple[list[tuple[str, Blob]], Blob]:
     """Store every file of a folder, then a manifest naming them; the manifest's digest is the artifact's."""
-    paths = sorted(p for p in req.path.rglob("*") if p.is_file() and not _hidden(p.relative_to(req.path)))
+    paths = _folder_files(req)
     if not paths:
         raise InvalidInput(f"{req.path}: the folder holds no files")
     ingest = store.ingest_link if req.move else store.ingest_copy
@@ -190,12 +268,13 @@ def _media_type(path: str, artifact_type: str) -> str:
     return "application/octet-stream"
 
 
-def _remove_source(path: Path) -> None:
+def _remove_source(path: Path, ingested: list[str]) -> None:
+    """Remove exactly the files that were stored (a file added meanwhile stays), then empty folders."""
     if path.is_dir():
+        for name in ingested:
+            (path / name).unlink(missing_ok=True)
         for p in sorted(path.rglob("*"), reverse=True):
-            if p.is_file() and not _hidden(p.relative_to(path)):
-                p.unlink()
-            elif p.is_dir() and not any(p.iterdir()):
+            if p.is_dir() and not any(p.iterdir()):
                 p.rmdir()
         if not any(path.iterdir()):
             path.rmdir()

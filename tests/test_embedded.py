@@ -9,7 +9,6 @@ import time
 import urllib.request
 
 import psutil
-import pytest
 
 from conftest import run_cli
 

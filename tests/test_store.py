@@ -1,8 +1,6 @@
 """The blob store on real files: hash-then-rename, read-only blobs, no-op recommits, crash leftovers."""
 
-import fcntl
 import hashlib
-import os
 import stat
 
 import pytest

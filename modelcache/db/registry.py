@@ -56,6 +56,55 @@ async def upsert_version(conn: Connection, model_id: uuid.UUID, version: str) ->
     return row["id"]
 
 
+async def merge_version_metadata(
+    conn: Connection, version_id: uuid.UUID, capabilities: dict[str, Any], default_parameters: dict[str, Any] | None
+) -> dict:
+    """Add keys to a version's capabilities and default_parameters; a key already set keeps its value.
+
+    What an operator (or an earlier sidecar) set is never overwritten by what a
+    later import reads from a header. ``jsonb || jsonb`` keeps the right side's
+    value for a key both have, so the stored document goes on the right.
+    """
+    defaults = Jsonb(default_parameters) if default_parameters is not None else None
+    return await _one(
+        conn,
+        """
+        UPDATE model_versions
+           SET capabilities = %s::jsonb || capabilities,
+               default_parameters = CASE WHEN %s::jsonb IS NULL THEN default_parameters
+                                         ELSE %s::jsonb || coalesce(default_parameters, '{}'::jsonb) END,
+               updated_at = now()
+         WHERE id = %s
+        RETURNING capabilities, default_parameters
+        """,
+        (Jsonb(capabilities), defaults, defaults, version_id),
+    )
+
+
+async def describe_model(conn: Connection, model_id: uuid.UUID, description: str, by: str) -> None:
+    """Set a model's description if it has none; an operator's text is never replaced by an import."""
+    await conn.execute(
+        """
+        UPDATE models SET description = %s, updated_at = now(), updated_by = %s
+         WHERE id = %s AND description IS NULL
+        """,
+        (description, by, model_id),
+    )
+
+
+async def version_metadata(conn: Connection, name: str, vendor: str | None, version: str) -> dict | None:
+    """A version's capabilities and default_parameters with its model's description, or None."""
+    return await _one(
+        conn,
+        """
+        SELECT v.id, v.capabilities, v.default_parameters, m.description
+          FROM model_versions v JOIN models m ON m.id = v.model_id
+         WHERE m.name = %s AND m.vendor IS NOT DISTINCT FROM %s AND v.version = %s
+        """,
+        (name, vendor, version),
+    )
+
+
 # -- blobs and artifacts ------------------------------------------------------
 
 

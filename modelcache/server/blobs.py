@@ -18,7 +18,7 @@ from ..errors import Forbidden, NotFound
 from .auth import authenticate
 from .catalog import BlobEntry
 from .keys import CATALOG, DIGEST, METRICS, RANGE, SENT, STORE
-from .ranges import ByteRange, Unsatisfiable, parse_range
+from .ranges import Unsatisfiable, parse_range
 
 logger = logging.getLogger(__name__)
 

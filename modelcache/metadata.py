@@ -1,0 +1,468 @@
+"""What a model file says about itself: GGUF and safetensors headers, read strictly (blocking).
+
+Only headers are read, never tensor data. The parsers are our own, small and
+strict, so that a header read needs no numpy: every length is checked against
+the file's size before anything is allocated, and a header that is truncated
+or does not follow its format raises :class:`~modelcache.errors.ImportRejected`
+naming the file, the offset and what was expected. Tests check the GGUF parser
+against a file written by llama.cpp's own ``gguf`` package.
+
+:func:`read_capabilities` turns a header into the flat keys of
+``model_versions.capabilities`` (``architecture``, ``context_length``,
+``parameter_count``, ``quantization``, ``chat_template``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Iterable
+
+from .errors import ImportRejected
+
+GGUF_MAGIC = b"GGUF"
+GGUF_DEFAULT_ALIGNMENT = 32
+GGML_MAX_DIMS = 4
+# arrays longer than this are kept as their length only (tokenizer vocabularies run to 150k strings)
+_KEEP_ARRAY_ITEMS = 16
+_SAFETENSORS_MAX_HEADER = 100_000_000
+
+# GGUF value types: type id -> struct format of a scalar (8 = string, 9 = array)
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+# ggml tensor types: id -> (name, elements per block, bytes per block), from ggml's type traits
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8),
+    28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
+}
+
+# general.file_type (llama.cpp's llama_ftype) -> the label users know
+GGUF_FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
+    36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+}
+
+# safetensors dtypes -> bits per element
+SAFETENSORS_DTYPES = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+    "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+    "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int  # from the start of the tensor data section
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    version: int
+    metadata: dict[str, Any]  # scalars, and arrays of up to 16 items
+    array_lengths: dict[str, int]  # every array's length, kept or not
+    tensors: list[GgufTensor]
+    data_offset: int  # where the tensor data section starts in the file
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.elements for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype, shape)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.tensors.values())
+
+
+# -- GGUF ------------------------------------------------------------------------
+
+
+class _Reader:
+    """Bounded reads from a header: every length is checked against the file size first."""
+
+    def __init__(self, f: BinaryIO, path: Path, size: int, what: str) -> None:
+        self.f, self.path, self.size, self.what = f, path, size, what
+        self.pos = 0
+
+    def fail(self, message: str) -> ImportRejected:
+        return ImportRejected(f"{self.path}: malformed {self.what} header: {message}")
+
+    def read(self, n: int, what: str) -> bytes:
+        if n > self.size - self.pos:
+            raise ImportRejected(
+                f"{self.path}: truncated {self.what} header: {what} needs {n} bytes at offset {self.pos}, "
+                f"the file has {self.size} bytes"
+            )
+        data = self.f.read(n)
+        if len(data) != n:  # the file shrank under us
+            raise ImportRejected(f"{self.path}: truncated {self.what} header: short read at offset {self.pos}")
+        self.pos += n
+        return data
+
+    def skip(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            self.read(n, what)  # raises the truncation error
+        self.f.seek(n, os.SEEK_CUR)
+        self.pos += n
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt), what))[0]
+
+    def u32(self, what: str) -> int:
+        return self.unpack("<I", what)
+
+    def u64(self, what: str) -> int:
+        return self.unpack("<Q", what)
+
+    def string_bytes(self, what: str) -> bytes:
+        return self.read(self.u64(f"length of {what}"), what)
+
+    def text(self, what: str) -> str:
+        try:
+            return self.string_bytes(what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} at offset {self.pos} is not UTF-8") from None
+
+
+def read_gguf_header(path: Path) -> GgufHeader:
+    """Parse a GGUF file's header (versions 2 and 3): key/values and tensor infos, checked against the file size."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        size = os.fstat(f.fileno()).st_size
+        r = _Reader(f, path, size, "GGUF")
+        if r.read(4, "magic") != GGUF_MAGIC:
+            raise r.fail("expected the magic 'GGUF' at offset 0")
+        version = r.u32("version")
+        if version not in (2, 3):
+            raise r.fail(f"version {version} is not supported (expected 2 or 3)")
+        tensor_count = r.u64("tensor count")
+        kv_count = r.u64("key/value count")
+        # each key/value takes at least 13 bytes, each tensor info at least 29: a bound before any loop
+        if kv_count * 13 + tensor_count * 29 > size - r.pos:
+            raise ImportRejected(
+                f"{path}: truncated GGUF header: {kv_count} key/values and {tensor_count} tensors "
+                f"cannot fit in a file of {size} bytes"
+            )
+        metadata: dict[str, Any] = {}
+        array_lengths: dict[str, int] = {}
+        for i in range(kv_count):
+            key = r.text(f"key #{i}")
+            if key in metadata or key in array_lengths:
+                raise r.fail(f"key {key!r} appears twice")
+            value_type = r.u32(f"type of {key}")
+            if value_type == _GGUF_ARRAY:
+                items, length = _gguf_array(r, key, depth=0)
+                array_lengths[key] = length
+                if items is not None:
+                    metadata[key] = items
+            else:
+                metadata[key] = _gguf_scalar(r, value_type, key)
+
+        tensors = []
+        for i in range(tensor_count):
+            name = r.text(f"name of tensor #{i}")
+            n_dims = r.u32(f"dimension count of {name}")
+            if not 1 <= n_dims <= GGML_MAX_DIMS:
+                raise r.fail(f"tensor {name!r} has {n_dims} dimensions (expected 1 to {GGML_MAX_DIMS})")
+            shape = tuple(r.u64(f"dimension of {name}") for _ in range(n_dims))
+            ggml_type = r.u32(f"type of {name}")
+            offset = r.u64(f"offset of {name}")
+            tensors.append(GgufTensor(name, shape, ggml_type, offset))
+
+        alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise r.fail(f"general.alignment = {alignment!r} (expected a power of two)")
+        data_offset = -(-r.pos // alignment) * alignment
+        _check_tensor_data(path, tensors, alignment, data_offset, size)
+    return GgufHeader(version, metadata, array_lengths, tensors, data_offset)
+
+
+def _gguf_scalar(r: _Reader, value_type: int, key: str) -> Any:
+    if value_type == _GGUF_STRING:
+        return r.string_bytes(f"value of {key}").decode("utf-8", errors="replace")
+    fmt = _GGUF_SCALARS.get(value_type)
+    if fmt is None:
+        raise r.fail(f"value type {value_type} of {key!r} at offset {r.pos - 4} is not a GGUF type")
+    return r.unpack(fmt, f"value of {key}")
+
+
+def _gguf_array(r: _Reader, key: str, depth: int) -> tuple[list | None, int]:
+    """Read an array; its items are kept only when there are few of them."""
+    item_type = r.u32(f"item type of {key}")
+    length = r.u64(f"length of {key}")
+    keep = length <= _KEEP_ARRAY_ITEMS
+    if item_type == _GGUF_ARRAY:
+        if depth >= 2:
+            raise r.fail(f"arrays nested too deep in {key!r}")
+        if length * 12 > r.size - r.pos:
+            r.read(length * 12, f"items of {key}")  # raises the truncation error
+        items = [_gguf_array(r, key, depth + 1)[0] for _ in range(length)]
+        return (items if keep else None), length
+    if item_type == _GGUF_STRING:
+        if length * 8 > r.size - r.pos:
+            r.read(length * 8, f"items of {key}")  # raises the truncation error
+        if keep:
+            return [r.string_bytes(f"item of {key}").decode("utf-8", errors="replace") for _ in range(length)], length
+        for _ in range(length):
+            r.skip(r.u64(f"length of an item of {key}"), f"item of {key}")
+        return None, length
+    fmt = _GGUF_SCALARS.get(item_type)
+    if fmt is None:
+        raise r.fail(f"item type {item_type} of {key!r} is not a GGUF type")
+    width = struct.calcsize(fmt)
+    if keep:
+        return [r.unpack(fmt, f"item of {key}") for _ in range(length)], length
+    r.skip(length * width, f"items of {key}")
+    return None, length
+
+
+def _check_tensor_data(path: Path, tensors: list[GgufTensor], alignment: int, data_offset: int, size: int) -> None:
+    names: set[str] = set()
+    for t in tensors:
+        if t.name in names:
+            raise ImportRejected(f"{path}: malformed GGUF header: tensor {t.name!r} appears twice")
+        names.add(t.name)
+        if t.offset % alignment:
+            raise ImportRejected(
+                f"{path}: malformed GGUF header: tensor {t.name!r} at data offset {t.offset} "
+                f"is not aligned to {alignment}"
+            )
+        known = GGML_TYPES.get(t.ggml_type)
+        # a type newer than this table is accepted; only its extent cannot be checked
+        nbytes = 0
+        if known is not None:
+            _, block, type_size = known
+            if t.shape[0] % block:
+                raise ImportRejected(
+                    f"{path}: malformed GGUF header: tensor {t.name!r} of type {known[0]} has a first "
+                    f"dimension of {t.shape[0]}, not a multiple of its block size {block}"
+                )
+            nbytes = t.elements // block * type_size
+        end = data_offset + t.offset + nbytes
+        if end > size:
+            raise ImportRejected(
+                f"{path}: truncated GGUF file: tensor {t.name!r} ends at byte {end}, the file has {size} bytes"
+            )
+
+
+def gguf_capabilities(header: GgufHeader) -> dict[str, Any]:
+    """The capabilities a GGUF header tells: architecture, context length, size, quantization, chat template."""
+    meta = header.metadata
+    caps: dict[str, Any] = {"format": f"gguf v{header.version}"}
+    arch = meta.get("general.architecture")
+    if isinstance(arch, str) and arch:
+        caps["architecture"] = arch
+        for key in ("context_length", "embedding_length", "block_count", "expert_count"):
+            value = meta.get(f"{arch}.{key}")
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                caps[key] = value
+    if header.tensors:
+        caps["parameter_count"] = header.parameter_count
+        caps["tensor_count"] = len(header.tensors)
+    label = meta.get("general.size_label")
+    if isinstance(label, str) and label:
+        caps["size_label"] = label
+    file_type = meta.get("general.file_type")
+    if isinstance(file_type, int) and file_type in GGUF_FILE_TYPES:
+        caps["quantization"] = GGUF_FILE_TYPES[file_type]
+    elif header.tensors:
+        caps["quantization"] = _dominant_type(header.tensors)
+    template = meta.get("tokenizer.chat_template")
+    caps["chat_template"] = isinstance(template, str) and bool(template.strip())
+    return caps
+
+
+def _dominant_type(tensors: list[GgufTensor]) -> str:
+    by_type = Counter[int]()
+    for t in tensors:
+        by_type[t.ggml_type] += t.elements
+    ggml_type = by_type.most_common(1)[0][0]
+    return GGML_TYPES[ggml_type][0] if ggml_type in GGML_TYPES else f"type {ggml_type}"
+
+
+# -- safetensors -----------------------------------------------------------------
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """Parse a safetensors file's JSON header and check every tensor's extent against the file size."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        r = _Reader(f, path, size, "safetensors")
+        header_len = r.u64("header length")
+        if header_len > _SAFETENSORS_MAX_HEADER:
+            raise r.fail(f"header length {header_len} is above the format's limit of {_SAFETENSORS_MAX_HEADER}")
+        raw = r.read(header_len, "JSON header")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ImportRejected(f"{path}: malformed safetensors header: not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ImportRejected(f"{path}: malformed safetensors header: expected a JSON object")
+    data_len = size - 8 - header_len
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ImportRejected(f"{path}: malformed safetensors header: __metadata__ must map strings to strings")
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, info in doc.items():
+        tensors[name] = _safetensors_tensor(path, name, info, data_len)
+    return SafetensorsHeader(tensors, metadata)
+
+
+def _safetensors_tensor(path: Path, name: str, info: Any, data_len: int) -> tuple[str, tuple[int, ...]]:
+    def bad(message: str) -> ImportRejected:
+        return ImportRejected(f"{path}: malformed safetensors header: tensor {name!r}: {message}")
+
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise bad("expected exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str):
+        raise bad(f"dtype {dtype!r} is not a string")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+    if offsets[1] > data_len:
+        raise ImportRejected(
+            f"{path}: truncated safetensors file: tensor {name!r} ends at data byte {offsets[1]}, "
+            f"the data section has {data_len} bytes"
+        )
+    bits = SAFETENSORS_DTYPES.get(dtype)
+    if bits is not None:
+        expected = -(-math.prod(shape) * bits // 8)
+        if offsets[1] - offsets[0] != expected:
+            raise bad(f"{offsets[1] - offsets[0]} bytes for {dtype} {shape} (expected {expected})")
+    return dtype, tuple(shape)
+
+
+def safetensors_capabilities(headers: Iterable[SafetensorsHeader]) -> dict[str, Any]:
+    """Dtypes, tensor and parameter counts over one file or all shards of a snapshot."""
+    dtypes: set[str] = set()
+    tensors = params = 0
+    for h in headers:
+        dtypes.update(dtype for dtype, _ in h.tensors.values())
+        tensors += len(h.tensors)
+        params += h.parameter_count
+    return {"format": "safetensors", "dtypes": sorted(dtypes), "tensor_count": tensors, "parameter_count": params}
+
+
+# -- files and folders -----------------------------------------------------------
+
+
+def read_capabilities(path: Path, artifact_type: str, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """Capabilities read from a file's header, or from every header (and config.json) of a folder.
+
+    Raises ImportRejected when a header is truncated or malformed. ``exclude``
+    names files of a folder (relative paths) that are not part of the artifact.
+    """
+    if not path.is_dir():
+        if artifact_type == "gguf":
+            return gguf_capabilities(read_gguf_header(path))
+        if artifact_type == "safetensors":
+            return safetensors_capabilities([read_safetensors_header(path)])
+        return {}
+    skip = set(exclude)
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        and p.relative_to(path).as_posix() not in skip
+    )
+    if artifact_type == "gguf":
+        return _gguf_folder_capabilities([read_gguf_header(p) for p in files if p.name.endswith(".gguf")])
+    if artifact_type == "safetensors":
+        caps = safetensors_capabilities(read_safetensors_header(p) for p in files if p.name.endswith(".safetensors"))
+        _check_index(path, skip)
+        caps.update(_hf_config_capabilities(path))
+        return caps
+    return {}
+
+
+def _gguf_folder_capabilities(headers: list[GgufHeader]) -> dict[str, Any]:
+    """A split GGUF: key/values from the first part that has them, sizes summed over all parts."""
+    if not headers:
+        return {}
+    main = next((h for h in headers if "general.architecture" in h.metadata), headers[0])
+    caps = gguf_capabilities(main)
+    tensors = [t for h in headers for t in h.tensors]
+    if tensors:
+        caps["parameter_count"] = sum(t.elements for t in tensors)
+        caps["tensor_count"] = len(tensors)
+    return caps
+
+
+def _check_index(folder: Path, exclude: set[str]) -> None:
+    """A sharded snapshot's index must name only shards that are in the folder."""
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        doc = _read_json(index)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ImportRejected(f"{index}: malformed index: expected an object with a weight_map")
+        missing = sorted({str(s) for s in weight_map.values()} - {
+            p.name for p in folder.iterdir() if p.name not in exclude})
+        if missing:
+            raise ImportRejected(f"{index}: incomplete snapshot: the index names {', '.join(missing)}, "
+                                 "which is not in the folder")
+
+
+def _hf_config_capabilities(folder: Path) -> dict[str, Any]:
+    """What a Hugging Face snapshot's config.json and tokenizer_config.json tell."""
+    caps: dict[str, Any] = {}
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        config = _read_json(config_path)
+        if not isinstance(config, dict):
+            raise ImportRejected(f"{config_path}: malformed config: expected a JSON object")
+        architectures = config.get("architectures")
+        if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+            caps["architecture"] = architectures[0]
+        if isinstance(config.get("model_type"), str):
+            caps["model_type"] = config["model_type"]
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                caps["context_length"] = value
+                break
+        if isinstance(config.get("torch_dtype"), str):
+            caps["torch_dtype"] = config["torch_dtype"]
+    tokenizer_config = folder / "tokenizer_config.json"
+    template = False
+    if tokenizer_config.is_file():
+        doc = _read_json(tokenizer_config)
+        template = isinstance(doc, dict) and bool(doc.get("chat_template"))
+    caps["chat_template"] = template or (folder / "chat_template.jinja").is_file()
+    return caps
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ImportRejected(f"{path}: not valid JSON ({exc})") from None
