@@ -107,7 +107,8 @@ async def import_path(db: Database, store: BlobStore, req: ImportRequest, subjec
     try:
         result = await _import(db, store, req, subject, started)
     except ModelcacheError as exc:
-        logger.warning("import failed: %s: %s", req.path, exc.detail)
+        where = "" if str(req.path) in exc.detail else f"{req.path}: "
+        logger.warning("import failed: %s%s", where, exc.detail)
         await _audit_failure(db, req, subject, exc)
         raise
     verb = "imported" if result.created else "already registered"
