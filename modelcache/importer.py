@@ -15,15 +15,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, AsyncIterator, Awaitable, Mapping
 
-from . import preferences
+from . import eviction, preferences
 from .auth import Subject
 from .db import registry
 from .db.pool import Database
 from .digest import Digest
 from .errors import ImportRejected, InvalidInput, ModelcacheError, NotFound, SourceChanged
-from .formats import detect_type, parse_artifact_type
+from .formats import detect_type, parse_artifact_type, sniff_file
+from .hashing import CHUNK
 from .metadata import read_capabilities
 from .names import parse_model_name, parse_vendor, parse_version
 from .store import Blob, BlobStore
@@ -103,26 +104,67 @@ async def import_path(db: Database, store: BlobStore, req: ImportRequest, subjec
     Audited either way; on failure nothing is registered and the user's files
     are where they were.
     """
+    return await _audited(db, store, req, subject, _ingest_path(db, store, req))
+
+
+async def import_stream(db: Database, store: BlobStore, req: ImportRequest, chunks: AsyncIterator[bytes],
+                        subject: Subject, expected: Digest | None = None) -> ImportResult:
+    """Import one file from a stream (an HTTP upload), hashing while it is written to ``tmp/``.
+
+    Never holds the body in memory; with ``expected``, a mismatch keeps nothing.
+    ``req.path`` only names the upload.
+    """
+    return await _audited(db, store, req, subject, _ingest_stream(db, store, req, chunks, expected))
+
+
+@dataclass
+class _Ingested:
+    files: list[tuple[str, Blob]]
+    manifest: Blob  # the single file's blob, or the folder manifest's
+    artifact_type: str
+    content_caps: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return sum(b.size for _, b in self.files)
+
+
+async def _audited(db: Database, store: BlobStore, req: ImportRequest, subject: Subject,
+                   ingesting: Awaitable[_Ingested]) -> ImportResult:
     started = time.monotonic()
     try:
-        result = await _import(db, store, req, subject, started)
+        ingested = await ingesting
+        artifact, created = await _register(db, req, ingested, subject)
     except ModelcacheError as exc:
         where = "" if str(req.path) in exc.detail else f"{req.path}: "
         logger.warning("import failed: %s%s", where, exc.detail)
         await _audit_failure(db, req, subject, exc)
         raise
-    verb = "imported" if result.created else "already registered"
+    if req.move:
+        await asyncio.to_thread(_remove_source, req.path, [path for path, _ in ingested.files])
+    result = ImportResult(
+        artifact_id=artifact["id"], digest=ingested.manifest.digest, size=ingested.size,
+        artifact_type=ingested.artifact_type, state=artifact["state"], created=created,
+        seconds=time.monotonic() - started, files=[b for _, b in ingested.files],
+        content_capabilities=ingested.content_caps,
+    )
     logger.info(
         "%s %s as %s (%s): %s, %d bytes in %.2fs (%.0f MB/s)",
-        verb, req.path, req.model_label, result.artifact_type, result.digest,
-        result.size, result.seconds, result.mb_per_s,
+        "imported" if created else "already registered", req.path, req.model_label, result.artifact_type,
+        result.digest, result.size, result.seconds, result.mb_per_s,
     )
+    if created:
+        try:
+            await eviction.enforce(db, store, keep=artifact["id"])
+        except ModelcacheError as exc:  # the import itself is done; the next one enforces again
+            logger.error("eviction after importing %s failed: %s", result.digest, exc.detail)
     return result
 
 
-async def _import(db: Database, store: BlobStore, req: ImportRequest, subject: Subject, started: float) -> ImportResult:
+async def _ingest_path(db: Database, store: BlobStore, req: ImportRequest) -> _Ingested:
     if not await asyncio.to_thread(req.path.exists):
         raise NotFound(f"{req.path}: no such file or folder")
+    await eviction.admit(db, await asyncio.to_thread(_source_size, req))
     artifact_type = req.artifact_type or await asyncio.to_thread(detect_type, req.path)
     content_caps: dict[str, Any] = {}
     if req.inspect:
@@ -132,15 +174,43 @@ async def _import(db: Database, store: BlobStore, req: ImportRequest, subject: S
         content_caps = await asyncio.to_thread(read_capabilities, req.path, artifact_type, req.exclude)
     if await asyncio.to_thread(req.path.is_dir):
         files, manifest = await asyncio.to_thread(_ingest_folder, store, req)
-        digest, size = manifest.digest, sum(b.size for _, b in files)
     else:
         ingest = store.ingest_link if req.move else store.ingest_copy
         blob = await asyncio.to_thread(ingest, req.path)
         files, manifest = [(req.path.name, blob)], blob
-        digest, size = blob.digest, blob.size
     if req.inspect and await asyncio.to_thread(_fingerprints, req) != before:
         raise SourceChanged(f"{req.path}: changed between reading its header and hashing it")
+    return _Ingested(files, manifest, artifact_type, content_caps)
 
+
+async def _ingest_stream(db: Database, store: BlobStore, req: ImportRequest, chunks: AsyncIterator[bytes],
+                         expected: Digest | None) -> _Ingested:
+    await eviction.admit(db, 0)
+    temp = await asyncio.to_thread(store.temp)
+    try:
+        pending = bytearray()
+        async for chunk in chunks:
+            pending += chunk
+            if len(pending) >= CHUNK:  # hash and write in 1 MiB steps, off the event loop
+                await asyncio.to_thread(temp.write, bytes(pending))
+                pending.clear()
+        await asyncio.to_thread(temp.write, bytes(pending))
+        await asyncio.to_thread(temp.finish)
+        artifact_type = req.artifact_type or await asyncio.to_thread(sniff_file, temp.path)
+        if artifact_type is None:
+            raise ImportRejected(f"{req.path}: cannot tell the artifact type (not GGUF, safetensors or a "
+                                 "Docker v2 manifest); pass type")
+        await eviction.admit(db, temp.hasher.size)
+        blob = await asyncio.to_thread(store.commit, temp, expected)
+    finally:
+        await asyncio.to_thread(temp.discard)
+    return _Ingested([(req.path.name, blob)], blob, artifact_type)
+
+
+async def _register(db: Database, req: ImportRequest, ingested: _Ingested, subject: Subject) -> tuple[dict, bool]:
+    """Record the blobs and the artifact in one transaction; the same bytes twice is a no-op."""
+    files, manifest, artifact_type = ingested.files, ingested.manifest, ingested.artifact_type
+    digest, size = manifest.digest, ingested.size
     auto_promote = (await preferences.effective(db))["models.import.auto_promote"]
     async with db.transaction() as conn:
         for _, blob in files:
@@ -174,7 +244,7 @@ async def _import(db: Database, store: BlobStore, req: ImportRequest, subject: S
             for path, blob in files:
                 await registry.insert_artifact_file(
                     conn, artifact["id"], path, blob.digest, blob.size, _media_type(path, artifact_type))
-            capabilities = {**content_caps, **(req.capabilities or {})}
+            capabilities = {**ingested.content_caps, **(req.capabilities or {})}
             if capabilities or req.default_parameters:
                 await registry.merge_version_metadata(conn, version_id, capabilities, req.default_parameters)
             if req.description:
@@ -186,13 +256,13 @@ async def _import(db: Database, store: BlobStore, req: ImportRequest, subject: S
             details={"path": str(req.path), "model": req.model_label, "artifact_type": artifact_type,
                      "size_bytes": size, "state": artifact["state"]},
         )
-    if req.move:
-        await asyncio.to_thread(_remove_source, req.path, [path for path, _ in files])
-    return ImportResult(
-        artifact_id=artifact["id"], digest=digest, size=size, artifact_type=artifact_type,
-        state=artifact["state"], created=created, seconds=time.monotonic() - started,
-        files=[b for _, b in files], content_capabilities=content_caps,
-    )
+    return artifact, created
+
+
+def _source_size(req: ImportRequest) -> int:
+    if req.path.is_dir():
+        return sum(p.stat().st_size for p in _folder_files(req))
+    return req.path.stat().st_size
 
 
 def parse_json_object(value: Any, what: str) -> dict[str, Any] | None:

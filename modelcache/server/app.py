@@ -11,7 +11,7 @@ from aiohttp import web
 from ..config import Settings
 from ..db import Database
 from ..store import BlobStore
-from . import admin_api, api, blobs, health, openapi, registry_api  # noqa: F401 - the API modules declare endpoints
+from . import admin_api, api, blobs, health, imports_api, openapi, registry_api  # noqa: F401 - the API modules declare endpoints
 from .catalog import Catalog
 from .keys import CATALOG, DATABASE, METRICS, OPENAPI, SETTINGS, STORE
 from .metrics import Metrics, count_requests, serve_metrics

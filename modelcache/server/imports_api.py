@@ -1,0 +1,42 @@
+"""``POST /v1/imports``: a streamed upload, hashed while it is written, never held in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from .. import artifacts
+from ..digest import Digest
+from ..errors import InvalidInput
+from ..importer import ImportRequest, import_stream
+from .api import MANAGERS, Call, Query, endpoint
+from .keys import STORE
+from .registry_api import NAME, VERSION, ArtifactOut, artifact_out
+
+
+class UploadQuery(Query):
+    model: str = Field(pattern=NAME)
+    version: str = Field(pattern=VERSION)
+    vendor: str | None = Field(None, pattern=NAME)
+    type: str | None = Field(None, pattern="^(gguf|safetensors|ollama)$",
+                             description="read from the content when absent")
+    sha256: str | None = Field(None, pattern="^sha256:[0-9a-f]{64}$",
+                               description="expected digest; a mismatch is a 422 and nothing is kept")
+    filename: str | None = Field(None, pattern=r"^[^/\x00]{1,255}$", description="the file's name, for the record")
+
+
+@endpoint("POST", "/v1/imports", summary="Upload a file as an artifact (application/octet-stream body)",
+          roles=MANAGERS, action="model_artifact.import", query=UploadQuery, response=ArtifactOut, status=201,
+          streamed_body=True)
+async def upload(call: Call) -> ArtifactOut:
+    q: UploadQuery = call.query
+    request = call.request
+    if not request.body_exists:
+        raise InvalidInput("the request has no body: send the file as application/octet-stream")
+    name = q.filename or f"upload-{q.model}-{q.version}"
+    req = ImportRequest.parse(Path(name), q.model, q.version, q.vendor, q.type, source_uri=f"upload:{name}")
+    expected = Digest.parse(q.sha256) if q.sha256 else None
+    result = await import_stream(call.db, request.app[STORE], req, request.content.iter_chunked(1 << 20),
+                                 call.subject, expected)
+    return artifact_out(await artifacts.load(call.db, str(result.artifact_id)))
