@@ -67,19 +67,23 @@ async def _page(conn: Connection, select: str, where: list[sql.Composable], para
     return rows[:limit], next_cursor
 
 
+def _equal(conditions: dict[str, Any]) -> tuple[list[sql.Composable], list[Any]]:
+    """``column = value`` for every condition whose value is not None."""
+    where: list[sql.Composable] = []
+    params: list[Any] = []
+    for column, value in conditions.items():
+        if value is not None:
+            where.append(sql.SQL(f"{column} = %s"))
+            params.append(value)
+    return where, params
+
+
 # -- models and versions ------------------------------------------------------
 
 
 async def list_models(conn: Connection, *, name: str | None, vendor: str | None, limit: int,
                       cursor: str | None) -> tuple[list[dict], str | None]:
-    where: list[sql.Composable] = []
-    params: list[Any] = []
-    if name is not None:
-        where.append(sql.SQL("m.name = %s"))
-        params.append(name)
-    if vendor is not None:
-        where.append(sql.SQL("m.vendor = %s"))
-        params.append(vendor)
+    where, params = _equal({"m.name": name, "m.vendor": vendor})
     return await _page(conn, "SELECT m.* FROM models m", where, params, "m", limit, cursor)
 
 
@@ -96,12 +100,7 @@ async def list_versions(conn: Connection, *, model_id: uuid.UUID | None, model: 
     ``requires`` holds ``context_length`` (at least), booleans such as
     ``tool_use`` that must be equal, and ``languages`` that must all be listed.
     """
-    where: list[sql.Composable] = []
-    params: list[Any] = []
-    for column, value in (("v.model_id", model_id), ("m.name", model), ("m.vendor", vendor), ("v.version", version)):
-        if value is not None:
-            where.append(sql.SQL(f"{column} = %s"))
-            params.append(value)
+    where, params = _equal({"v.model_id": model_id, "m.name": model, "m.vendor": vendor, "v.version": version})
     for key, value in requires.items():
         if key == "context_length":
             where.append(sql.SQL("jsonb_typeof(v.capabilities->'context_length') = 'number' "
@@ -156,12 +155,7 @@ async def list_artifacts(conn: Connection, *, filters: dict[str, Any], limit: in
                          cursor: str | None) -> tuple[list[dict], str | None]:
     columns = {"model": "m.name", "vendor": "m.vendor", "version": "v.version", "model_version_id": "v.id",
                "artifact_type": "a.artifact_type", "state": "a.state", "sha256": "a.sha256", "pinned": "a.pinned"}
-    where: list[sql.Composable] = []
-    params: list[Any] = []
-    for key, value in filters.items():
-        if value is not None:
-            where.append(sql.SQL(f"{columns[key]} = %s"))
-            params.append(value)
+    where, params = _equal({columns[key]: value for key, value in filters.items()})
     return await _page(conn, _ARTIFACT_SELECT, where, params, "a", limit, cursor)
 
 
@@ -320,11 +314,7 @@ async def preference_audit(conn: Connection, entry_id: uuid.UUID, old_value: Any
 async def audit_page(conn: Connection, *, action: str | None, subject: str | None, resource: str | None,
                      decision: str | None, since: dt.datetime | None, until: dt.datetime | None, limit: int,
                      cursor: str | None) -> tuple[list[dict], str | None]:
-    where: list[sql.Composable] = []
-    params: list[Any] = []
-    if action is not None:
-        where.append(sql.SQL("l.action = %s"))
-        params.append(action)
+    where, params = _equal({"l.action": action, "l.resource": resource, "l.decision": decision})
     if subject is not None:  # "token:admin" or just "admin"
         kind, _, ident = subject.rpartition(":")
         if kind:
@@ -333,12 +323,6 @@ async def audit_page(conn: Connection, *, action: str | None, subject: str | Non
         else:
             where.append(sql.SQL("l.subject_id = %s"))
             params.append(ident)
-    if resource is not None:
-        where.append(sql.SQL("l.resource = %s"))
-        params.append(resource)
-    if decision is not None:
-        where.append(sql.SQL("l.decision = %s"))
-        params.append(decision)
     if since is not None:
         where.append(sql.SQL("l.created_at >= %s"))
         params.append(since)

@@ -92,22 +92,6 @@ async def describe_model(conn: Connection, model_id: uuid.UUID, description: str
     )
 
 
-async def version_metadata(conn: Connection, name: str, vendor: str | None, version: str) -> dict | None:
-    """A version's capabilities and default_parameters with its model's description, or None."""
-    return await _one(
-        conn,
-        """
-        SELECT v.id, v.capabilities, v.default_parameters, m.description
-          FROM model_versions v JOIN models m ON m.id = v.model_id
-         WHERE m.name = %s AND m.vendor IS NOT DISTINCT FROM %s AND v.version = %s
-        """,
-        (name, vendor, version),
-    )
-
-
-# -- blobs and artifacts ------------------------------------------------------
-
-
 async def record_blob(conn: Connection, digest: Digest, size: int, xxh3: str) -> None:
     """Index a committed blob; a blob seen before (even evicted) is present again."""
     await conn.execute(
@@ -240,10 +224,6 @@ async def audit(
             Jsonb(details) if details is not None else None,
         ),
     )
-
-
-async def audit_events(conn: Connection, limit: int = 50) -> list[dict]:
-    return await _all(conn, "SELECT * FROM model_audit_log ORDER BY created_at DESC, id DESC LIMIT %s", (limit,))
 
 
 # -- tokens -------------------------------------------------------------------
