@@ -71,8 +71,10 @@ def _operation(ep: Endpoint, components: dict[str, Any]) -> dict[str, Any]:
             "application/json": {"schema": _schema(ep.response, components)}}}},
     }
     for code, text in _ERRORS.items():
-        op["responses"][code] = {"description": text, "content": {
-            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+        content: dict[str, Any] = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        if code == "400":  # aiohttp answers requests it cannot parse (an over-long URL) in plain text
+            content["text/plain"] = {"schema": {"type": "string"}}
+        op["responses"][code] = {"description": text, "content": content}
     if ep.query is not None:
         schema = ep.query.model_json_schema()
         required = set(schema.get("required", []))
