@@ -41,7 +41,8 @@ def test_schemathesis_finds_no_drift_and_no_server_error(dsn, tmp_path, make_fil
              # revoking tokens would revoke this run's own (it is listed by GET /v1/tokens); test_api covers it
              "--exclude-operation-id", "revoke_token",
              # one worker: CPython 3.11's ast.parse is not thread-safe, and hypothesis calls it
-             "--max-examples", "25", "--seed", "20261127", "--max-time", "60", "--workers", "1",
+             "--max-examples", "100", "--seed", "20261127", "--generation-deterministic",
+             "--workers", "1",
              "--phases", "examples,coverage,fuzzing", "--request-timeout", "10"],
             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     finally:
