@@ -77,7 +77,9 @@ async def artifact_files(db, artifact_id) -> list[tuple[str, str, int]]:
 
 async def import_events(db) -> list[dict]:
     async with db.connection() as conn:
-        return [e for e in await registry.audit_events(conn, 200) if e["action"] == "model_artifact.import"]
+        cur = await conn.execute("SELECT * FROM model_audit_log WHERE action = 'model_artifact.import' "
+                                 "ORDER BY created_at DESC, id DESC")
+        return await cur.fetchall()
 
 
 def sha256(data: bytes) -> str:
