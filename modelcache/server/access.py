@@ -25,7 +25,7 @@ class AccessLogger(AbstractAccessLogger):
             "%s %s %s %d who=%s digest=%s range=%s bytes=%d %.1fms",
             request.remote, request.method, request.path_qs, response.status,
             subject or "-", digest or "-", byte_range or "-",
-            request.get(SENT, response.body_length), time * 1000,
+            0 if request.method == "HEAD" else request.get(SENT, response.body_length), time * 1000,
         )
 
     @property
