@@ -7,6 +7,7 @@ import logging
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
+from ..logs import fast_info
 from .keys import DIGEST, RANGE, SENT, SUBJECT
 
 logger = logging.getLogger("modelcache.access")
@@ -18,15 +19,10 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         if request.path in _QUIET and response.status < 400:
             return
-        subject = request.get(SUBJECT)
-        digest = request.get(DIGEST)
-        byte_range = request.get(RANGE)
-        logger.info(
-            "%s %s %s %d who=%s digest=%s range=%s bytes=%d %.1fms",
-            request.remote, request.method, request.path_qs, response.status,
-            subject or "-", digest or "-", byte_range or "-",
-            0 if request.method == "HEAD" else request.get(SENT, response.body_length), time * 1000,
-        )
+        sent = 0 if request.method == "HEAD" else request.get(SENT, response.body_length)
+        fast_info(logger, f"{request.remote} {request.method} {request.path_qs} {response.status} "
+                          f"who={request.get(SUBJECT) or '-'} digest={request.get(DIGEST) or '-'} "
+                          f"range={request.get(RANGE) or '-'} bytes={sent} {time * 1000:.1f}ms")
 
     @property
     def enabled(self) -> bool:

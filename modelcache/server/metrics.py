@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
@@ -36,8 +37,15 @@ class Metrics:
         self.artifacts = Gauge("modelcache_artifacts", "Artifacts by state", ["state"], registry=r)
         self.events = Gauge("modelcache_events", "Audited events so far, by action and outcome",
                             ["action", "outcome"], registry=r)
+        self._requests_by: dict[tuple[str, int], Any] = {}
         self.download_bytes = Gauge("modelcache_download_bytes", "Bytes fetched by user-directed downloads",
                                     registry=r)
+
+    def count(self, method: str, status: int) -> None:
+        child = self._requests_by.get((method, status))
+        if child is None:  # labels() per request costs more than the rest of a HEAD's bookkeeping
+            child = self._requests_by[(method, status)] = self.requests.labels(method, str(status))
+        child.inc()
 
     async def refresh(self, app: web.Application) -> None:
         catalog = app[CATALOG]
@@ -72,9 +80,9 @@ async def count_requests(request: web.Request, handler) -> web.StreamResponse:
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        request.app[METRICS].requests.labels(request.method, str(exc.status)).inc()
+        request.app[METRICS].count(request.method, exc.status)
         raise
-    request.app[METRICS].requests.labels(request.method, str(response.status)).inc()
+    request.app[METRICS].count(request.method, response.status)
     return response
 
 
