@@ -209,30 +209,48 @@ def token_revoke(settings: Settings, name: str) -> None:
 
 @main.command("import")
 @_host_options(with_listen=False)
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("--model", required=True, help="Logical model name, e.g. llama3.")
-@click.option("--version", "version", required=True, help="Version or tag, e.g. 8b-q4_0.")
+@click.argument("path")
+@click.option("--model", default=None, help="Logical model name, e.g. llama3.")
+@click.option("--version", "version", default=None, help="Version or tag, e.g. 8b-q4_0.")
 @click.option("--vendor", default=None, help="Vendor, e.g. meta.")
 @click.option("--type", "artifact_type", default=None, type=click.Choice(["gguf", "safetensors", "ollama"]),
               help="Artifact type; read from the content when absent.")
 @click.option("--move", is_flag=True, help="Move the file into the store (a rename: no second copy).")
-def import_(settings: Settings, path: Path, model: str, version: str, vendor: str | None,
-            artifact_type: str | None, move: bool) -> None:
-    """Import a file (or a folder, for a multi-file artifact) and print its digest on the last line."""
-    from .importer import ImportRequest, import_path
+@click.option("--ollama-models", "ollama_models", type=click.Path(path_type=Path), default=None,
+              help="An Ollama models directory (e.g. ~/.ollama/models); PATH is then the model's NAME:TAG, "
+                   "and --model/--version/--vendor default to its model, tag and namespace.")
+def import_(settings: Settings, path: str, model: str | None, version: str | None, vendor: str | None,
+            artifact_type: str | None, move: bool, ollama_models: Path | None) -> None:
+    """Import a file (or a folder, for a multi-file artifact) and print its digest on the last line.
+
+    With --ollama-models DIR, import the Ollama model PATH (NAME:TAG, e.g. llama3:8b) from DIR.
+    """
+    from .importer import ImportRequest, import_ollama_model, import_path
+    from .ollama import ModelName
     from .store import BlobStore
 
-    request = ImportRequest.parse(path, model, version, vendor, artifact_type, move)
+    if ollama_models is not None:
+        if artifact_type not in (None, "ollama") or move:
+            raise click.UsageError("--ollama-models imports an ollama artifact by copying; drop --type and --move")
+        name, request = ModelName.parse(path), None
+    else:
+        for option, value in (("--model", model), ("--version", version)):
+            if value is None:
+                raise click.UsageError(f"Missing option '{option}'.")
+        request = ImportRequest.parse(Path(path), model, version, vendor, artifact_type, move)
     store = BlobStore(settings.data_dir)
 
     async def work(db):
         await asyncio.to_thread(store.prepare)
+        if request is None:
+            return await import_ollama_model(db, store, ollama_models, name, Subject.local(), model=model,
+                                             version=version, vendor=vendor)
         return await import_path(db, store, request, Subject.local())
 
     result = _with_database(settings, work)
     state = "new" if result.created else "already present"
-    click.echo(f"{request.model_label} {result.artifact_type} {result.size} bytes, {result.state} ({state})",
-               err=True)
+    label = request.model_label if request is not None else str(name)
+    click.echo(f"{label} {result.artifact_type} {result.size} bytes, {result.state} ({state})", err=True)
     click.echo(str(result.digest))
 
 

@@ -22,11 +22,13 @@ from .auth import Subject
 from .db import registry
 from .db.pool import Database
 from .digest import Digest
-from .errors import ImportRejected, InvalidInput, ModelcacheError, NotFound, SourceChanged
-from .formats import detect_type, parse_artifact_type, sniff_file
+from .errors import ChecksumError, ImportRejected, InvalidInput, ModelcacheError, NotFound, SourceChanged
+from .formats import DOCKER_MANIFEST_V2, detect_type, parse_artifact_type, sniff_file
 from .hashing import CHUNK
 from .metadata import read_capabilities
 from .names import parse_model_name, parse_vendor, parse_version
+from .ollama import (DEFAULT_NAMESPACE, MAX_MANIFEST_BYTES, Descriptor, Manifest, ModelName, ModelsDir,
+                     ollama_capabilities)
 from .store import Blob, BlobStore
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,7 @@ class _Ingested:
     manifest: Blob  # the single file's blob, or the folder manifest's
     artifact_type: str
     content_caps: dict[str, Any] = field(default_factory=dict)
+    media_types: dict[str, str] = field(default_factory=dict)  # by path, where the source names them
 
     @property
     def size(self) -> int:
@@ -159,6 +162,83 @@ async def _audited(db: Database, store: BlobStore, req: ImportRequest, subject: 
         except ModelcacheError as exc:  # the import itself is done; the next one enforces again
             logger.error("eviction after importing %s failed: %s", result.digest, exc.detail)
     return result
+
+
+async def import_ollama_model(db: Database, store: BlobStore, models_dir: Path, name: ModelName, subject: Subject,
+                              *, model: str | None = None, version: str | None = None,
+                              vendor: str | None = None) -> ImportResult:
+    """Import a model from an Ollama models directory (``$OLLAMA_MODELS``), for air-gapped sites.
+
+    ``name`` is Ollama's ``[HOST/][NAMESPACE/]MODEL[:TAG]``, parsed. The manifest
+    is stored byte for byte and its digest is the artifact's; every blob it
+    names is copied from ``blobs/sha256-<hex>`` and must hash to its digest
+    and have its size. The registry name is the model, the namespace as
+    vendor (none for ``library``) and the tag as version, unless given.
+    """
+    folder = ModelsDir(models_dir)
+    req = ImportRequest.parse(
+        folder.manifest_path(name), model or name.model, version or name.tag,
+        vendor if vendor is not None else (None if name.namespace == DEFAULT_NAMESPACE else name.namespace),
+        "ollama", source_uri=f"ollama://{name}",
+    )
+    return await _audited(db, store, req, subject, _ingest_ollama(db, store, req, folder, name))
+
+
+async def _ingest_ollama(db: Database, store: BlobStore, req: ImportRequest, folder: ModelsDir,
+                         name: ModelName) -> _Ingested:
+    path = await asyncio.to_thread(folder.find_manifest, name)
+    raw = await asyncio.to_thread(_read_small, path, MAX_MANIFEST_BYTES)
+    manifest = Manifest.parse(raw, str(path))
+    sources = await asyncio.to_thread(_ollama_sources, folder, manifest)
+    await eviction.admit(db, len(raw) + sum(d.size for d, _ in sources))
+    files = await asyncio.to_thread(_ingest_ollama_files, store, raw, sources)
+    media_types = {"manifest": DOCKER_MANIFEST_V2}
+    media_types.update({_ollama_blob_name(d.digest): d.media_type for d, _ in sources})
+    config = await asyncio.to_thread(_read_small, store.path_for(manifest.config.digest), MAX_MANIFEST_BYTES)
+    return _Ingested(files, files[0][1], "ollama", content_caps=ollama_capabilities(config),
+                     media_types=media_types)
+
+
+def _ollama_sources(folder: ModelsDir, manifest: Manifest) -> list[tuple[Descriptor, Path]]:
+    """Each blob the manifest names and its file, checked for presence and size before any copy."""
+    sources = []
+    for d in manifest.blobs:
+        path = folder.blob_path(d.digest)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"{path}: blob {d.digest} ({d.media_type}) named by the manifest is missing") from None
+        if size != d.size:
+            raise ImportRejected(f"{path}: blob {d.digest} has {size} bytes, the manifest says {d.size}")
+        sources.append((d, path))
+    return sources
+
+
+def _ingest_ollama_files(store: BlobStore, raw: bytes,
+                         sources: list[tuple[Descriptor, Path]]) -> list[tuple[str, Blob]]:
+    with store.temp() as temp:
+        temp.write(raw)
+        temp.finish()
+        files = [("manifest", store.commit(temp))]
+    for d, path in sources:
+        try:
+            blob = store.ingest_copy(path, expected=d.digest)
+        except ChecksumError as exc:
+            raise ChecksumError(str(path), exc.expected, exc.actual) from None
+        files.append((_ollama_blob_name(d.digest), blob))
+    return files
+
+
+def _ollama_blob_name(digest: Digest) -> str:
+    return f"blobs/sha256-{digest.hex}"
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise ImportRejected(f"{path}: larger than {limit} bytes")
+    return raw
 
 
 async def _ingest_path(db: Database, store: BlobStore, req: ImportRequest) -> _Ingested:
@@ -243,7 +323,8 @@ async def _register(db: Database, req: ImportRequest, ingested: _Ingested, subje
             )
             for path, blob in files:
                 await registry.insert_artifact_file(
-                    conn, artifact["id"], path, blob.digest, blob.size, _media_type(path, artifact_type))
+                    conn, artifact["id"], path, blob.digest, blob.size,
+                    ingested.media_types.get(path) or _media_type(path, artifact_type))
             capabilities = {**ingested.content_caps, **(req.capabilities or {})}
             if capabilities or req.default_parameters:
                 await registry.merge_version_metadata(conn, version_id, capabilities, req.default_parameters)

@@ -26,6 +26,7 @@ from modelcache.auth import Role, Subject
 from modelcache.db import Database
 from modelcache.db.migrate import migrate
 from modelcache.importer import ImportRequest, import_path
+from modelcache.server.access import AccessLogger
 from modelcache.server.app import create_app
 from modelcache.server.keys import CATALOG
 from modelcache.store import BlobStore
@@ -192,7 +193,7 @@ def start_server(aiohttp_server, db, running_apps):
     started = []
 
     async def start(settings: config.Settings):
-        srv = await aiohttp_server(create_app(settings, db))
+        srv = await aiohttp_server(create_app(settings, db), access_log_class=AccessLogger)
         running_apps.append(srv.app)
         started.append(srv)
         return srv

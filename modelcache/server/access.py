@@ -20,10 +20,17 @@ class AccessLogger(AbstractAccessLogger):
         if request.path in _QUIET and response.status < 400:
             return
         sent = 0 if request.method == "HEAD" else request.get(SENT, response.body_length)
-        fast_info(logger, f"{request.remote} {request.method} {request.path_qs} {response.status} "
+        fast_info(logger, f"{request.remote} {request.method} {_redacted(request)} {response.status} "
                           f"who={request.get(SUBJECT) or '-'} digest={request.get(DIGEST) or '-'} "
                           f"range={request.get(RANGE) or '-'} bytes={sent} {time * 1000:.1f}ms")
 
     @property
     def enabled(self) -> bool:
         return logger.isEnabledFor(logging.INFO)
+
+
+def _redacted(request: BaseRequest) -> str:
+    """The path and query, with a signed URL's signature left out: whoever reads logs must not reuse it."""
+    if "signature" not in request.query:
+        return request.path_qs
+    return str(request.rel_url.update_query(signature="REDACTED"))

@@ -8,10 +8,11 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
+from .. import logs
 from ..config import Settings
 from ..db import Database
 from ..store import BlobStore
-from . import admin_api, api, blobs, health, imports_api, openapi, registry_api  # noqa: F401 - the API modules declare endpoints
+from . import admin_api, api, blobs, health, hf, imports_api, oci, openapi, registry_api  # noqa: F401 - the API modules declare endpoints
 from .catalog import Catalog
 from .keys import CATALOG, DATABASE, METRICS, OPENAPI, SETTINGS, STORE
 from .metrics import Metrics, count_requests, serve_metrics
@@ -31,6 +32,7 @@ def create_app(settings: Settings, db: Database) -> web.Application:
     app[CATALOG] = Catalog(db)
     app[METRICS] = Metrics()
     app[OPENAPI] = openapi.build()
+    app.cleanup_ctx.append(_access_log_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_catalog_ctx)
     app.router.add_get("/healthz", health.healthz)
@@ -39,7 +41,24 @@ def create_app(settings: Settings, db: Database) -> web.Application:
     app.router.add_get("/v1/openapi.json", openapi.serve_openapi)
     app.router.add_get(f"/v1/blobs/{DIGEST_PATTERN}", blobs.get_blob)  # also answers HEAD
     api.add_routes(app)
+    hf.setup(app)  # the Hugging Face mirror under /hf
+    oci.setup(app)  # the OCI pull API under /v2, for Ollama and registry clients
     return app
+
+
+async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Write the buffered access-log lines twice a second (see logs.LineBuffer)."""
+
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            logs.flush()
+
+    task = asyncio.create_task(flush_forever(), name="access-log-flush")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    logs.flush()
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import ipaddress
 
@@ -12,18 +14,32 @@ from ..errors import Unauthorized
 from .keys import CATALOG, SETTINGS, SUBJECT
 
 
-def authenticate(request: web.Request) -> Subject:
-    """The request's subject; raises Unauthorized with a reason the client can act on."""
+def authenticate(request: web.Request, *, basic: bool = False) -> Subject:
+    """The request's subject; raises Unauthorized with a reason the client can act on.
+
+    With ``basic``, HTTP Basic auth is accepted too, the token being the
+    password (any user name): registry clients (skopeo, containerd, oras) send
+    credentials that way.
+    """
     header = request.headers.get("Authorization")
     if header is None:
         if _trusted(request):
             request[SUBJECT] = Subject("anonymous", request.remote)
             return request[SUBJECT]
+        if basic:
+            raise Unauthorized("credentials are required: a token as Bearer or as the password of HTTP Basic auth")
         raise Unauthorized("a Bearer token is required (Authorization: Bearer <token>)")
-    scheme, _, secret = header.partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
+    scheme, _, credentials = header.partition(" ")
+    if basic and scheme.lower() == "basic":
+        secret = basic_password(credentials)
+    elif scheme.lower() == "bearer" and credentials.strip():
+        secret = credentials.strip()
+    elif basic:
+        raise Unauthorized("malformed Authorization header: expected 'Bearer <token>' or "
+                           "'Basic <base64 of user:token>'")
+    else:
         raise Unauthorized("malformed Authorization header: expected 'Bearer <token>'")
-    entry = request.app[CATALOG].token(secret_sha256(secret.strip()))
+    entry = request.app[CATALOG].token(secret_sha256(secret))
     if entry is None:
         raise Unauthorized("unknown or revoked token")
     if entry.expired(dt.datetime.now(dt.timezone.utc)):
@@ -31,6 +47,18 @@ def authenticate(request: web.Request) -> Subject:
     subject = Subject("token", entry.name, entry.role)
     request[SUBJECT] = subject
     return subject
+
+
+def basic_password(credentials: str) -> str:
+    """The password of ``Basic base64(user:password)``; the user name is not looked at."""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise Unauthorized("malformed Basic credentials: expected base64 of user:token") from None
+    _, colon, password = decoded.partition(":")
+    if not colon or not password:
+        raise Unauthorized("Basic credentials carry no password: give the token as the password (any user name)")
+    return password
 
 
 def _trusted(request: web.Request) -> bool:
@@ -44,3 +72,16 @@ def _trusted(request: web.Request) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     return any(address in net for net in networks)
+
+
+def token_subject(request: web.Request, name: str) -> Subject:
+    """The subject of the live token named ``name``: for URLs signed for a token holder (see signing.py)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    for entry in request.app[CATALOG].tokens.values():
+        if entry.name == name:
+            if entry.expired(now):
+                raise Unauthorized(f"token {name}, for which this URL was signed, expired at "
+                                   f"{entry.expires_at.isoformat()}")
+            request[SUBJECT] = Subject("token", name, entry.role)
+            return request[SUBJECT]
+    raise Unauthorized(f"token {name}, for which this URL was signed, is revoked or unknown")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Mapping
 
 from aiohttp import web
 
@@ -45,16 +46,22 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     return await send_blob(request, digest, entry.size)
 
 
-async def send_blob(request: web.Request, digest: Digest, size: int) -> web.StreamResponse:
-    """Answer a GET or HEAD for a blob the caller may read (shared with the OCI and HF routes)."""
-    etag = f'"{digest}"'
+async def send_blob(request: web.Request, digest: Digest, size: int,
+                    extra_headers: Mapping[str, str] | None = None) -> web.StreamResponse:
+    """Answer a GET or HEAD for a blob the caller may read (shared with the OCI and HF routes).
+
+    ``extra_headers`` go on every answer (200, 206, 304, 416) and may replace the defaults; an
+    ``ETag`` given there is the one ``If-None-Match`` and ``If-Range`` are compared with.
+    """
     headers = {
         "Accept-Ranges": "bytes",
-        "ETag": etag,
+        "ETag": f'"{digest}"',
         "Docker-Content-Digest": str(digest),
         "Cache-Control": CACHE_CONTROL,
         "Content-Type": "application/octet-stream",
     }
+    headers.update(extra_headers or {})
+    etag = headers["ETag"]
     if _matches(request.headers.get("If-None-Match"), etag):
         return web.Response(status=304, headers=headers)
     byte_range = None
@@ -93,7 +100,14 @@ async def _sendfile(request: web.Request, response: web.StreamResponse, digest: 
         if transport is None or transport.is_closing():
             return response
         if count:
-            await asyncio.get_running_loop().sendfile(transport, f, offset, count)
+            try:
+                await asyncio.get_running_loop().sendfile(transport, f, offset, count)
+            except ConnectionError as exc:
+                # Not a server fault: clients hang up mid-body, and Ollama does on every blob (it only
+                # reads the headers of its whole-body GET, for the Location).
+                logger.info("client %s closed the connection while blob %s (bytes %d-%d) was sent: %s",
+                            request.remote, digest, offset, offset + count - 1, exc.strerror or exc)
+                return response
         request[SENT] = count
         request.app[METRICS].bytes_served.inc(count)
         await response.write_eof()

@@ -1,0 +1,254 @@
+"""The Hugging Face mirror under ``/hf``: with ``HF_ENDPOINT=http://HOST:12085/hf``, huggingface_hub
+(``snapshot_download``, ``hf_hub_download``, ``hf download``) pulls from the cache.
+
+============================================  ==============================================
+``GET /hf/api/models/{repo}[/revision/{rev}]``  model info: ``id``, ``sha`` (the commit id), ``siblings``
+``GET /hf/api/models/{repo}/tree/{rev}[/{path}]``  files and folders (``?recursive=true``), paged by
+                                                ``Link: <...>; rel="next"`` (``limit``, ``cursor``)
+``HEAD``/``GET /hf/{repo}/resolve/{rev}/{path}``  a file: ranges, ``X-Repo-Commit``, ``ETag`` = its sha256
+============================================  ==============================================
+
+``{repo}`` is ``vendor/name`` (or ``name`` for a model without a vendor); revisions and commit ids are
+described in ``hf_index.py``. Every answer comes from memory (the index and the blob catalog), so a
+HEAD never waits on the database; bytes go through :func:`~.blobs.send_blob`, with the same
+promotion rules as ``/v1/blobs`` (:func:`~.blobs.servable`) and the same last-access bookkeeping.
+
+Errors are answered the Hub's way here, not as problem+json by the middleware, because the client
+tells them apart only by ``X-Error-Code`` and shows ``X-Error-Message``; an ``EntryNotFound`` carries
+``X-Repo-Commit`` so the client can remember the file as missing (transformers probes many optional
+files). No ``X-Xet-*`` header, ``Link rel="xet-auth"`` or ``xetHash`` is ever sent: any of them
+would send the client to Xet storage on the internet, around the cache.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Mapping
+
+from aiohttp import web
+from yarl import URL
+
+from ..auth import Subject
+from ..errors import DatabaseUnavailable, InvalidInput, ModelcacheError, Unauthorized
+from .auth import authenticate
+from .blobs import CACHE_CONTROL, send_blob, servable
+from .hf_index import (MAIN, HfFile, HfFolder, HfIndex, HfNotFound, HfRepo, HfRevision, RepoId, RepoPath, Revision,
+                       page_after)
+from .keys import CATALOG, DATABASE, DIGEST, SETTINGS
+
+logger = logging.getLogger(__name__)
+
+HF_INDEX = web.AppKey("hf_index", HfIndex)
+
+PAGE_LIMIT = 1000  # the Hub's own page size for tree listings
+
+
+def setup(app: web.Application) -> None:
+    """Mount the mirror: its index (started and stopped with the app) and its routes."""
+    app[HF_INDEX] = HfIndex(app[DATABASE])
+    app.cleanup_ctx.append(_index_ctx)
+    for repo in ("{vendor}/{name}", "{name}"):
+        app.router.add_get(f"/hf/api/models/{repo}", _answered(model_info))
+        app.router.add_get(f"/hf/api/models/{repo}/revision/{{revision}}", _answered(model_info))
+        app.router.add_get(f"/hf/api/models/{repo}/tree/{{revision}}", _answered(tree))
+        app.router.add_get(f"/hf/api/models/{repo}/tree/{{revision}}/{{path:.+}}", _answered(tree))
+    for repo in ("{vendor}/{name}", "{name}"):
+        app.router.add_get(f"/hf/{repo}/resolve/{{revision}}/{{path:.+}}", _answered(resolve))  # HEAD too
+
+
+async def _index_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[HF_INDEX].start()
+    logger.info("hf mirror: %d repos with safetensors files under /hf", len(app[HF_INDEX].repos))
+    yield
+    await app[HF_INDEX].stop()
+
+
+# -- handlers ------------------------------------------------------------------
+
+
+async def model_info(request: web.Request) -> web.StreamResponse:
+    """What ``repo_info``/``model_info`` read; ``snapshot_download`` needs ``sha`` and ``siblings``."""
+    asked = Asked.parse(request)
+    repo, revision = asked.find(request.app[HF_INDEX])
+    return web.json_response(_model_json(repo, revision))
+
+
+async def tree(request: web.Request) -> web.StreamResponse:
+    """What ``list_repo_tree`` reads. Later pages are linked by commit id, so a listing of ``main``
+    stays one snapshot even if ``main`` moves while it is paged through."""
+    asked = Asked.parse(request)
+    under = RepoPath.parse(request.match_info["path"]) if "path" in request.match_info else None
+    query = TreeQuery.parse(request.query)
+    repo, revision = asked.find(request.app[HF_INDEX])
+    entries = revision.entries(under, query.recursive)
+    page, more = page_after(entries, query.after, query.limit)
+    headers = {}
+    if more:
+        headers["Link"] = f'<{_next_page(request, repo, revision, under, query, page[-1].path)}>; rel="next"'
+    return web.json_response([_entry_json(e) for e in page], headers=headers)
+
+
+async def resolve(request: web.Request) -> web.StreamResponse:
+    """One file's bytes (GET) or headers (HEAD, answered from memory) for ``hf_hub_download``."""
+    asked = Asked.parse(request)
+    path = RepoPath.parse(request.match_info["path"])
+    repo, revision = asked.find(request.app[HF_INDEX])
+    file = revision.file(path, repo)
+    request[DIGEST] = file.digest
+    entry = servable(file.digest, request.app[CATALOG].blob(file.digest), asked.subject)
+    etag = f'"{file.digest.hex}"'  # the client keeps the file as blobs/<sha256>, as for the Hub's LFS files
+    headers = {
+        "ETag": etag,
+        "X-Linked-Etag": etag,
+        "X-Linked-Size": str(entry.size),
+        "X-Repo-Commit": revision.commit,
+        # main and version names may move to another artifact; a commit id never does
+        "Cache-Control": CACHE_CONTROL if asked.revision.is_commit else "no-cache",
+    }
+    return await send_blob(request, file.digest, entry.size, headers)
+
+
+@dataclass(frozen=True)
+class Asked:
+    """Who asks for which repo at which revision, parsed from the request before anything is looked up."""
+
+    subject: Subject
+    repo_id: RepoId
+    revision: Revision
+
+    @classmethod
+    def parse(cls, request: web.Request) -> "Asked":
+        subject = authenticate(request)  # first: no answer about names to whom may not ask
+        return cls(subject, RepoId.parse(request.match_info.get("vendor"), request.match_info["name"]),
+                   Revision.parse(request.match_info.get("revision", MAIN)))
+
+    def find(self, index: HfIndex) -> tuple[HfRepo, HfRevision]:
+        repo = index.repo(self.repo_id, self.subject)
+        return repo, repo.resolve(self.revision, self.subject)
+
+
+# -- query parameters of the tree listing -----------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeQuery:
+    recursive: bool = False
+    limit: int = PAGE_LIMIT
+    after: str | None = None  # the last path of the previous page, from the opaque cursor
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str]) -> "TreeQuery":
+        """``recursive`` and ``expand`` (accepted, ignored: there is no commit history to expand),
+        ``limit`` and ``cursor``; other parameters the Hub knows are ignored as the Hub does."""
+        _flag(query, "expand")
+        limit = query.get("limit")
+        if limit is not None and not (limit.isdigit() and 1 <= int(limit) <= PAGE_LIMIT):
+            raise InvalidInput(f"invalid limit {limit[:20]!r}: expected an integer from 1 to {PAGE_LIMIT}")
+        cursor = query.get("cursor")
+        return cls(_flag(query, "recursive"), int(limit) if limit else PAGE_LIMIT,
+                   _decode_cursor(cursor) if cursor else None)
+
+
+def _flag(query: Mapping[str, str], name: str) -> bool:
+    value = query.get(name, "false").lower()
+    if value not in ("true", "1", "false", "0"):
+        raise InvalidInput(f"invalid {name} {value[:20]!r}: expected true or false")
+    return value in ("true", "1")
+
+
+def _encode_cursor(path: str) -> str:
+    return base64.urlsafe_b64encode(path.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        return base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidInput(f"invalid cursor {cursor[:40]!r}: follow the Link of the previous page") from None
+
+
+def _next_page(request: web.Request, repo: HfRepo, revision: HfRevision, under: RepoPath | None,
+               query: TreeQuery, last: str) -> str:
+    # absolute: the client requests the Link as given; public_url when a proxy fronts the cache
+    public = request.app[SETTINGS].server.public_url
+    origin = URL(public).origin() if public else request.url.origin()
+    path = f"/hf/api/models/{repo.repo_id}/tree/{revision.commit}" + (f"/{under}" if under else "")
+    params = {"recursive": "true" if query.recursive else "false", "cursor": _encode_cursor(last)}
+    if query.limit != PAGE_LIMIT:
+        params["limit"] = str(query.limit)
+    return str(origin.with_path(path).with_query(params))
+
+
+# -- JSON shapes the client reads -------------------------------------------------
+
+
+def _model_json(repo: HfRepo, revision: HfRevision) -> dict:
+    return {
+        "id": str(repo.repo_id),
+        "modelId": str(repo.repo_id),
+        "author": repo.repo_id.vendor,
+        "sha": revision.commit,
+        "lastModified": _timestamp(revision.created_at),
+        "createdAt": _timestamp(revision.created_at),
+        "gated": False,
+        "disabled": False,
+        "tags": ["safetensors"],
+        "usedStorage": revision.size,
+        "siblings": [
+            {"rfilename": f.path, "size": f.size, "blobId": f.oid,
+             "lfs": {"sha256": f.digest.hex, "size": f.size, "pointerSize": f.pointer_size}}
+            for f in revision.files
+        ],
+    }
+
+
+def _entry_json(entry: HfFile | HfFolder) -> dict:
+    if isinstance(entry, HfFolder):
+        return {"type": "directory", "oid": entry.oid, "size": 0, "path": entry.path}
+    return {"type": "file", "oid": entry.oid, "size": entry.size, "path": entry.path,
+            "lfs": {"oid": entry.digest.hex, "size": entry.size, "pointerSize": entry.pointer_size}}
+
+
+def _timestamp(at: dt.datetime) -> str:
+    """The Hub's one date format, ``2024-05-01T12:00:00.000Z`` (the client parses no other)."""
+    at = at.astimezone(dt.timezone.utc)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+
+
+# -- errors, the Hub's way ----------------------------------------------------------
+
+
+def _answered(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ModelcacheError as exc:
+            return _error(request, exc)
+
+    handle.__name__ = handler.__name__
+    return handle
+
+
+def _error(request: web.Request, exc: ModelcacheError) -> web.StreamResponse:
+    headers = {"X-Error-Message": _header_text(exc.detail)}
+    if isinstance(exc, HfNotFound):
+        headers["X-Error-Code"] = exc.code
+        if exc.commit:
+            headers["X-Repo-Commit"] = exc.commit
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="modelcache"'
+    if exc.status >= 500:
+        log = logger.warning if isinstance(exc, DatabaseUnavailable) else logger.error
+        log("%s %s failed: %s", request.method, request.path, exc.detail)
+    if request.method == "HEAD":
+        return web.Response(status=exc.status, headers=headers)
+    return web.json_response({"error": exc.detail}, status=exc.status, headers=headers)
+
+
+def _header_text(text: str) -> str:
+    """A header value: one line of ASCII (names from requests may hold anything)."""
+    return " ".join(text.encode("ascii", "backslashreplace").decode().split())
