@@ -12,7 +12,7 @@ from yarl import URL
 
 from modelcache import artifacts, preferences
 from modelcache.auth import Subject
-from modelcache.server.hf import HF_INDEX
+from modelcache.server.keys import HF_INDEX
 from modelcache.server.keys import CATALOG, STORE
 from test_syncd_metadata import safetensors_bytes
 

@@ -11,7 +11,7 @@ import pytest
 from yarl import URL
 
 from modelcache.digest import Digest
-from modelcache.server.oci import SIGNER
+from modelcache.server.keys import SIGNER
 from test_syncd_metadata import gguf_bytes
 
 pytestmark = pytest.mark.registry

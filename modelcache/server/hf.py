@@ -38,11 +38,10 @@ from .auth import authenticate
 from .blobs import CACHE_CONTROL, send_blob, servable
 from .hf_index import (MAIN, HfFile, HfFolder, HfIndex, HfNotFound, HfRepo, HfRevision, RepoId, RepoPath, Revision,
                        page_after)
-from .keys import CATALOG, DATABASE, DIGEST, SETTINGS
+from .keys import CATALOG, DATABASE, DIGEST, HF_INDEX, SETTINGS
 
 logger = logging.getLogger(__name__)
 
-HF_INDEX = web.AppKey("hf_index", HfIndex)
 
 PAGE_LIMIT = 1000  # the Hub's own page size for tree listings
 

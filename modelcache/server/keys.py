@@ -14,8 +14,10 @@ from ..store import BlobStore
 from .catalog import Catalog
 from .ranges import ByteRange
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # these modules use the keys themselves
+    from .hf_index import HfIndex
     from .metrics import Metrics
+    from .signing import UrlSigner
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
@@ -23,6 +25,8 @@ STORE = web.AppKey("store", BlobStore)
 CATALOG = web.AppKey("catalog", Catalog)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 OPENAPI = web.AppKey("openapi", dict)
+HF_INDEX: web.AppKey[HfIndex] = web.AppKey("hf_index")
+SIGNER: web.AppKey[UrlSigner] = web.AppKey("url_signer")
 
 # per request, for the access log
 SUBJECT = web.RequestKey("subject", Subject)

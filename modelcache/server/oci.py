@@ -53,13 +53,12 @@ from ..ollama import OCI_MANIFEST
 from . import manifests
 from .auth import authenticate, basic_password, token_subject
 from .blobs import send_blob, servable
-from .keys import CATALOG, DIGEST, SETTINGS
+from .keys import CATALOG, DIGEST, SETTINGS, SIGNER
 from .manifests import ManifestUnknown, Repository
 from .signing import UrlSigner
 
 logger = logging.getLogger(__name__)
 
-SIGNER = web.AppKey("url_signer", UrlSigner)
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 SERVICE = "modelcache"
