@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,7 @@ class Server:
 
     def resolve_gets(self) -> list[str]:
         """Access-log lines of file downloads (not HEADs, not metadata)."""
+        time.sleep(1.0)  # the server writes its access log twice a second
         return [line for line in self.log.read_text().splitlines()
                 if " GET /hf/" in line and "/resolve/" in line and "modelcache.access" in line]
 
