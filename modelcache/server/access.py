@@ -31,6 +31,6 @@ class AccessLogger(AbstractAccessLogger):
 
 def _redacted(request: BaseRequest) -> str:
     """The path and query, with a signed URL's signature left out: whoever reads logs must not reuse it."""
-    if "signature" not in request.query:
+    if "signature" not in request.query_string:
         return request.path_qs
     return str(request.rel_url.update_query(signature="REDACTED"))

@@ -42,7 +42,7 @@ def authenticate(request: web.Request, *, basic: bool = False) -> Subject:
     entry = request.app[CATALOG].token(secret_sha256(secret))
     if entry is None:
         raise Unauthorized("unknown or revoked token")
-    if entry.expired(dt.datetime.now(dt.timezone.utc)):
+    if entry.expires_at is not None and entry.expired(dt.datetime.now(dt.timezone.utc)):
         raise Unauthorized(f"token {entry.name} expired at {entry.expires_at.isoformat()}")
     subject = Subject("token", entry.name, entry.role)
     request[SUBJECT] = subject
