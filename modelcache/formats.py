@@ -15,6 +15,19 @@ DOCKER_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 _SAFETENSORS_MAX_HEADER = 100_000_000
 
 
+def load_json_object(raw: bytes, max_bytes: int) -> dict:
+    """A JSON object from bytes (a sidecar, a manifest, a header); ValueError says what is wrong."""
+    if len(raw) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    return doc
+
+
 def parse_artifact_type(text: str) -> str:
     if text not in ARTIFACT_TYPES:
         raise InvalidInput(f"invalid artifact type {text!r}: expected one of {', '.join(ARTIFACT_TYPES)}")

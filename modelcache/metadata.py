@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
 from .errors import ImportRejected
+from .formats import load_json_object
 
 GGUF_MAGIC = b"GGUF"
 GGUF_DEFAULT_ALIGNMENT = 32
@@ -318,11 +319,9 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
             raise r.fail(f"header length {header_len} is above the format's limit of {_SAFETENSORS_MAX_HEADER}")
         raw = r.read(header_len, "JSON header")
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ImportRejected(f"{path}: malformed safetensors header: not JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise ImportRejected(f"{path}: malformed safetensors header: expected a JSON object")
+        doc = load_json_object(raw, _SAFETENSORS_MAX_HEADER)
+    except ValueError as exc:
+        raise ImportRejected(f"{path}: malformed safetensors header: {exc}") from None
     data_len = size - 8 - header_len
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):

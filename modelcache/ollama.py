@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 from .digest import Digest
 from .errors import ImportRejected, InvalidInput, NotFound
-from .formats import DOCKER_MANIFEST_V2
+from .formats import DOCKER_MANIFEST_V2, load_json_object
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -66,14 +66,10 @@ class Manifest:
         def bad(message: str) -> ImportRejected:
             return ImportRejected(f"{source}: not an Ollama manifest: {message}")
 
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise bad(f"{len(raw)} bytes, more than {MAX_MANIFEST_BYTES}")
         try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad(f"invalid JSON ({exc})") from None
-        if not isinstance(doc, dict):
-            raise bad("expected a JSON object")
+            doc = load_json_object(raw, MAX_MANIFEST_BYTES)
+        except ValueError as exc:
+            raise bad(str(exc)) from None
         if doc.get("schemaVersion") != 2:
             raise bad(f"schemaVersion is {doc.get('schemaVersion')!r}, expected 2")
         if doc.get("mediaType") != DOCKER_MANIFEST_V2:

@@ -140,7 +140,7 @@ def test_safetensors_header_gives_dtypes_and_counts(tmp_path):
 @pytest.mark.parametrize("damage,message", [
     (lambda d: d[:-10], "truncated safetensors file: tensor 'b' ends"),
     (lambda d: d[:40], "truncated safetensors header"),
-    (lambda d: struct.pack("<Q", 7) + b"{nojson" + d[15:], "not JSON"),
+    (lambda d: struct.pack("<Q", 7) + b"{nojson" + d[15:], "not valid JSON"),
     (lambda d: d.replace(b'"F32"', b'"F16"'), r"tensor 'b': 32 bytes for F16 \[8\] \(expected 16\)"),
 ])
 def test_a_damaged_safetensors_is_rejected(tmp_path, damage, message):

@@ -15,12 +15,12 @@ model name or version fails the import, and the reason says so.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInput
+from ..formats import load_json_object
 from ..importer import ImportRequest
 from .scan import FOLDER_METADATA, Candidate
 
@@ -83,14 +83,10 @@ def read_sidecar(path: Path, allowed: tuple[str, ...]) -> dict[str, Any]:
             raw = f.read(_MAX_SIDECAR_BYTES + 1)
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot read the sidecar: {exc.strerror}") from None
-    if len(raw) > _MAX_SIDECAR_BYTES:
-        raise InvalidInput(f"{path}: the sidecar is larger than {_MAX_SIDECAR_BYTES} bytes")
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"{path}: the sidecar is not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput(f"{path}: the sidecar must be a JSON object")
+        doc = load_json_object(raw, _MAX_SIDECAR_BYTES)
+    except ValueError as exc:
+        raise InvalidInput(f"{path}: the sidecar is {exc}") from None
     unknown = sorted(set(doc) - set(allowed))
     if unknown:
         raise InvalidInput(f"{path}: unknown key {unknown[0]!r} in the sidecar; known: {', '.join(allowed)}")
