@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Awaitable, Mapping
 
 from . import eviction, preferences
 from .auth import Subject
-from .db import registry
+from .db import management, registry
 from .db.pool import Database
 from .digest import Digest
 from .errors import ChecksumError, ImportRejected, InvalidInput, ModelcacheError, NotFound, SourceChanged
@@ -306,7 +306,11 @@ async def _register(db: Database, req: ImportRequest, ingested: _Ingested, subje
                     f"{req.path}: the same bytes ({digest}) are already artifact {existing['id']} of "
                     f"{_label(existing)}; one content has one artifact"
                 )
-            artifact, created = existing, False
+            artifact, created, outcome = existing, False, "unchanged"
+            if existing["state"] == "evicted":  # its bytes are back: it is servable again
+                state = "promoted" if auto_promote else "staged"
+                await management.set_artifact(conn, existing["id"], str(subject), state=state)
+                artifact, created, outcome = {**existing, "state": state}, True, "restored"
         else:
             model_id = await registry.upsert_model(conn, req.model, req.vendor, str(subject))
             version_id = await registry.upsert_version(conn, model_id, req.version)
@@ -330,10 +334,10 @@ async def _register(db: Database, req: ImportRequest, ingested: _Ingested, subje
                 await registry.merge_version_metadata(conn, version_id, capabilities, req.default_parameters)
             if req.description:
                 await registry.describe_model(conn, model_id, req.description, str(subject))
-            created = True
+            created, outcome = True, "created"
         await registry.audit(
             conn, subject, "model_artifact.import", "model_artifact", str(digest),
-            outcome="created" if created else "unchanged",
+            outcome=outcome,
             details={"path": str(req.path), "model": req.model_label, "artifact_type": artifact_type,
                      "size_bytes": size, "state": artifact["state"]},
         )

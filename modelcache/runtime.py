@@ -71,6 +71,9 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True) -> 
         logger.info("data dir %s; import folder %s; database: %s", settings.data_dir, settings.import_dir,
                     database_label(settings))
         await _hint_first_token(db, settings)
+        background: list[asyncio.Task] = []
+        if serve:
+            background.append(asyncio.create_task(_sweep_quietly(db, settings), name="sweep"))
         scrubber = None
         if serve and settings.storage.scrub_interval > 0:
             from .scrub import scrub_forever
@@ -90,8 +93,10 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True) -> 
             logger.info("stopping")
         finally:
             if scrubber is not None:
-                scrubber.cancel()
-                await asyncio.gather(scrubber, return_exceptions=True)
+                background.append(scrubber)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             if daemon is not None:
                 await daemon.stop()
             if runner is not None:
@@ -106,3 +111,14 @@ async def _hint_first_token(db: Database, settings: Settings) -> None:
         where = "--dsn DSN" if settings.database.dsn else f"--data-dir {settings.data_dir}"
         logger.info("no API tokens yet; create the admin token with: modelcache token create --role admin "
                     "--name admin %s", where)
+
+
+async def _sweep_quietly(db: Database, settings: Settings) -> None:
+    from .errors import ModelcacheError
+    from .store import BlobStore
+    from .sweep import sweep
+
+    try:
+        await sweep(db, BlobStore(settings.data_dir))
+    except ModelcacheError as exc:
+        logger.warning("start-up sweep of the store skipped: %s", exc.detail)

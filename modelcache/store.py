@@ -243,6 +243,21 @@ class BlobStore:
     def remove(self, digest: Digest) -> None:
         self.path_for(digest).unlink(missing_ok=True)
 
+    def stored(self) -> list[tuple[Digest, float]]:
+        """Every blob file in the store with its ctime (a rename into place sets it)."""
+        found = []
+        for shard in os.scandir(self.blobs_dir):
+            if not shard.is_dir():
+                continue
+            for entry in os.scandir(shard.path):
+                try:
+                    digest = Digest.from_hex(entry.name)
+                except InvalidInput:
+                    logger.warning("not a blob, left alone: %s", entry.path)
+                    continue
+                found.append((digest, entry.stat().st_ctime))
+        return found
+
 
 def open_source(path: Path) -> BinaryIO:
     """Open a user's file for reading, with errors that name it."""

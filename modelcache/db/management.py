@@ -347,3 +347,15 @@ async def event_counts(conn: Connection) -> dict[tuple[str, str | None], int]:
 async def download_bytes(conn: Connection) -> int:
     cur = await conn.execute("SELECT coalesce(sum(bytes_done), 0)::bigint AS n FROM model_downloads")
     return (await cur.fetchone())["n"]
+
+
+async def blob_states(conn: Connection, digests: list[str]) -> dict[str, str]:
+    cur = await conn.execute("SELECT digest, state FROM blobs WHERE digest = ANY(%s)", (digests,))
+    return {r["digest"]: r["state"] for r in await cur.fetchall()}
+
+
+async def lock_blob_state(conn: Connection, digest: str) -> str | None:
+    """The blob's state, its row locked until the transaction ends (an import waits for it)."""
+    cur = await conn.execute("SELECT state FROM blobs WHERE digest = %s FOR UPDATE", (digest,))
+    row = await cur.fetchone()
+    return row["state"] if row else None
