@@ -110,10 +110,20 @@ async def evict(db: Database, store: BlobStore, ref: str, subject: Subject, reas
         await _audit(db, subject, "model_artifact.evict", artifact, outcome="refused", reason=refusal)
         raise Conflict(f"cannot evict artifact {artifact['id']}: {refusal}")
     for blob in blobs:
-        await asyncio.to_thread(store.remove, Digest.parse(blob["digest"]))
+        await remove_if_evicted(db, store, Digest.parse(blob["digest"]))
     logger.info("evicted artifact %s (sha256:%s, %s): freed %d bytes in %d blobs by %s (%s)", artifact["id"],
                 artifact["sha256"], _label(artifact), freed, len(blobs), subject, reason)
     return Eviction(artifact["id"], freed, [b["digest"] for b in blobs])
+
+
+async def remove_if_evicted(db: Database, store: BlobStore, digest: Digest) -> bool:
+    """Unlink an evicted blob's file, re-checked under its row lock: an import of the same bytes
+    may have brought it back since the eviction committed."""
+    async with db.transaction() as conn:
+        if await management.lock_blob_state(conn, str(digest)) != "evicted":
+            return False
+        await asyncio.to_thread(store.remove, digest)
+    return True
 
 
 @dataclass(frozen=True)

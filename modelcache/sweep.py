@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 
+from .artifacts import remove_if_evicted
 from .db import Database, management
 from .store import BlobStore
 
@@ -38,14 +39,9 @@ async def sweep(db: Database, store: BlobStore, min_age: float = DEFAULT_MIN_AGE
                 logger.warning("removed blob %s: on disk since %s but never registered (an interrupted import)",
                                digest, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ctime)))
                 removed.append(str(digest))
-            elif state == "evicted":
-                async with db.transaction() as conn:
-                    # re-checked under the row lock: an import of the same bytes may have revived it
-                    if await management.lock_blob_state(conn, str(digest)) == "evicted":
-                        await asyncio.to_thread(store.remove, digest)
-                        logger.info("removed blob %s: evicted, its file was left by an interrupted eviction",
-                                    digest)
-                        removed.append(str(digest))
+            elif state == "evicted" and await remove_if_evicted(db, store, digest):
+                logger.info("removed blob %s: evicted, its file was left by an interrupted eviction", digest)
+                removed.append(str(digest))
     if removed:
         logger.info("sweep: removed %d blob files that no artifact needs", len(removed))
     return removed
