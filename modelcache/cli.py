@@ -237,7 +237,7 @@ def import_(settings: Settings, path: str, model: str | None, version: str | Non
         for option, value in (("--model", model), ("--version", version)):
             if value is None:
                 raise click.UsageError(f"Missing option '{option}'.")
-        request = ImportRequest.parse(Path(path), model, version, vendor, artifact_type, move)
+        request = ImportRequest.parse(Path(path), model, version, vendor, artifact_type, move, inspect=True)
     store = BlobStore(settings.data_dir)
 
     async def work(db):

@@ -56,7 +56,7 @@ def stop(proc) -> str:
 def test_serve_with_embedded_postgres_shares_reuses_and_stops_it(tmp_path, make_file):
     data = tmp_path / "data"
     port = free_port()
-    src = make_file(prefix=b"GGUF", size=4096)
+    src = make_file(gguf=True, size=4096)
     proc = start(data, port, "--config", str(_json_logs(tmp_path)))
     try:
         wait_ready(port, proc)

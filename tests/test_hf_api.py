@@ -14,7 +14,7 @@ from modelcache import artifacts, preferences
 from modelcache.auth import Subject
 from modelcache.server.keys import HF_INDEX
 from modelcache.server.keys import CATALOG, STORE
-from test_syncd_metadata import safetensors_bytes
+from conftest import safetensors_bytes
 
 pytestmark = pytest.mark.registry
 

@@ -1,13 +1,11 @@
 """``modelcache import`` through the real CLI, against a real registry and store."""
 
 import hashlib
-import json
-import struct
 
 import psycopg
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, safetensors_bytes
 
 pytestmark = pytest.mark.registry
 
@@ -25,13 +23,12 @@ def query(dsn, sql, *params):
         return conn.execute(sql, params).fetchall()
 
 
-def safetensors_bytes() -> bytes:
-    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
-    return struct.pack("<Q", len(header)) + header + b"\0" * 8
+def one_tensor() -> bytes:
+    return safetensors_bytes({"w": ("F32", [2])})
 
 
 def test_import_copies_registers_promotes_audits_and_prints_the_digest(mc, dsn, make_file, settings):
-    src = make_file(prefix=b"GGUF", size=10_000)
+    src = make_file(gguf=True, size=10_000)
     before = (src.stat().st_mtime_ns, src.stat().st_mode)
     done = mc("import", str(src), "--model", "llama3", "--version", "8b-q4", "--vendor", "meta")
     assert done.returncode == 0, done.stderr
@@ -43,16 +40,17 @@ def test_import_copies_registers_promotes_audits_and_prints_the_digest(mc, dsn, 
     [art] = query(dsn, """SELECT a.artifact_type, a.state, a.size_bytes, a.cache_path, m.name, m.vendor, v.version
                             FROM model_artifacts a JOIN model_versions v ON v.id = a.model_version_id
                             JOIN models m ON m.id = v.model_id WHERE a.sha256 = %s""", digest[7:])
-    assert art == ("gguf", "promoted", 10_004, str(blob), "llama3", "meta", "8b-q4")
+    size = src.stat().st_size
+    assert art == ("gguf", "promoted", size, str(blob), "llama3", "meta", "8b-q4")
     [b] = query(dsn, "SELECT size_bytes, length(xxh3_128), state FROM blobs WHERE digest = %s", digest)
-    assert b == (10_004, 32, "present")
+    assert b == (size, 32, "present")
     [audit] = query(dsn, "SELECT subject_type, action, decision, outcome, resource FROM model_audit_log")
     assert audit == ("local", "model_artifact.import", "allow", "created", digest)
     assert "imported" in done.stderr and digest in done.stderr and "MB/s" in done.stderr
 
 
 def test_move_renames_into_the_store_without_a_second_copy(mc, make_file, settings):
-    src = make_file(prefix=b"GGUF")
+    src = make_file(gguf=True)
     inode = src.stat().st_ino
     done = mc("import", str(src), "--model", "m", "--version", "1", "--move")
     assert done.returncode == 0, done.stderr
@@ -62,7 +60,7 @@ def test_move_renames_into_the_store_without_a_second_copy(mc, make_file, settin
 
 
 def test_type_is_read_from_content(mc, dsn, make_file):
-    st = make_file(content=safetensors_bytes(), name="model.safetensors")
+    st = make_file(content=one_tensor(), name="model.safetensors")
     assert mc("import", str(st), "--model", "st", "--version", "1").returncode == 0
     assert query(dsn, "SELECT artifact_type FROM model_artifacts") == [("safetensors",)]
 
@@ -81,7 +79,7 @@ def test_unknown_content_needs_type(mc, make_file, dsn):
     (["--model", "m"], 2, "Missing option '--version'"),
 ])
 def test_bad_usage_is_exit_2_naming_the_value(mc, make_file, args, code, fragment):
-    done = mc("import", str(make_file(prefix=b"GGUF")), *args)
+    done = mc("import", str(make_file(gguf=True)), *args)
     assert done.returncode == code
     assert fragment in done.stderr
 
@@ -95,7 +93,7 @@ def test_missing_file_is_named(mc, tmp_path, dsn):
 
 
 def test_same_bytes_same_version_is_a_noop_and_other_model_is_refused(mc, dsn, make_file):
-    src = make_file(prefix=b"GGUF")
+    src = make_file(gguf=True)
     first = mc("import", str(src), "--model", "a", "--version", "1")
     again = mc("import", str(src), "--model", "a", "--version", "1")
     assert again.returncode == 0 and again.stdout == first.stdout
@@ -110,7 +108,7 @@ def test_auto_promote_off_leaves_the_artifact_staged(mc, dsn, make_file):
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO preference_entries (scope_type, key, value, value_type, updated_by) "
                      "VALUES ('system', 'models.import.auto_promote', 'false', 'boolean', 'test')")
-    done = mc("import", str(make_file(prefix=b"GGUF")), "--model", "m", "--version", "1")
+    done = mc("import", str(make_file(gguf=True)), "--model", "m", "--version", "1")
     assert done.returncode == 0
     assert query(dsn, "SELECT state FROM model_artifacts") == [("staged",)]
 
@@ -119,7 +117,7 @@ def test_folder_becomes_one_artifact_of_several_blobs(mc, dsn, tmp_path):
     folder = tmp_path / "snapshot"
     (folder / "sub").mkdir(parents=True)
     (folder / "config.json").write_text('{"model_type": "llama"}')
-    (folder / "model.safetensors").write_bytes(safetensors_bytes())
+    (folder / "model.safetensors").write_bytes(one_tensor())
     (folder / "sub" / "tokenizer.json").write_text("{}")
     (folder / ".cache").write_text("ignored")
     done = mc("import", str(folder), "--model", "tiny-llama", "--version", "main", "--vendor", "acme")
@@ -134,3 +132,15 @@ def test_folder_becomes_one_artifact_of_several_blobs(mc, dsn, tmp_path):
         assert blob_digest == "sha256:" + hashlib.sha256(data).hexdigest() and size == len(data)
     [(atype, size)] = query(dsn, "SELECT artifact_type, size_bytes FROM model_artifacts")
     assert atype == "safetensors" and size == sum(f[2] for f in files)
+
+
+def test_headers_fill_capabilities_and_a_malformed_gguf_is_refused(mc, dsn, make_file):
+    done = mc("import", str(make_file(gguf=True)), "--model", "llama3", "--version", "1")
+    assert done.returncode == 0, done.stderr
+    [(caps,)] = query(dsn, "SELECT capabilities FROM model_versions")
+    assert caps["context_length"] == 8192 and caps["architecture"] == "llama" and caps["chat_template"] is True
+    bad = make_file(prefix=b"GGUF", size=100, name="broken.gguf")  # the magic, then garbage
+    done = mc("import", str(bad), "--model", "broken", "--version", "1")
+    assert done.returncode == 1
+    assert "broken.gguf" in done.stderr and "malformed GGUF header" in done.stderr
+    assert query(dsn, "SELECT count(*) FROM model_artifacts") == [(1,)]

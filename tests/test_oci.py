@@ -12,7 +12,7 @@ from yarl import URL
 
 from modelcache.digest import Digest
 from modelcache.server.keys import SIGNER
-from test_syncd_metadata import gguf_bytes
+from conftest import gguf_bytes
 
 pytestmark = pytest.mark.registry
 

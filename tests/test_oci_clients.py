@@ -27,7 +27,7 @@ from aiohttp import ClientSession
 from conftest import run_cli
 from modelcache.server.keys import CATALOG
 from modelcache.syncd.daemon import SyncDaemon
-from test_syncd_metadata import gguf_bytes
+from conftest import gguf_bytes
 
 pytestmark = pytest.mark.registry
 

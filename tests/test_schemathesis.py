@@ -24,7 +24,7 @@ def test_schemathesis_finds_no_drift_and_no_server_error(dsn, tmp_path, make_fil
     token = run_cli("token", "create", "--role", "admin", "--name", name, "--dsn", dsn, "--data-dir", str(data))
     assert token.returncode == 0, token.stderr
     secret = token.stdout.strip().splitlines()[-1]
-    done = run_cli("import", str(make_file(prefix=b"GGUF")), "--model", "m", "--version", "1", "--dsn", dsn,
+    done = run_cli("import", str(make_file(gguf=True)), "--model", "m", "--version", "1", "--dsn", dsn,
                    "--data-dir", str(data))
     assert done.returncode == 0, done.stderr
     port = free_port()

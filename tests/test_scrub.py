@@ -18,7 +18,7 @@ pytestmark = pytest.mark.registry
 
 def test_periodic_scrub_quarantines_a_corrupted_blob_and_the_server_refuses_it(dsn, tmp_path, make_file):
     data = tmp_path / "data"
-    src = make_file(prefix=b"GGUF", size=1 << 20)
+    src = make_file(gguf=True, size=1 << 20)
     digest = run_cli("import", str(src), "--model", "m", "--version", "1", "--dsn", dsn,
                      "--data-dir", str(data)).stdout.strip().splitlines()[-1]
     secret = run_cli("token", "create", "--role", "node", "--name", "n", "--dsn", dsn).stdout.strip().splitlines()[-1]

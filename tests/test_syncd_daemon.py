@@ -18,7 +18,7 @@ import pytest
 
 from modelcache.db import registry
 from modelcache.syncd.daemon import SyncDaemon
-from test_syncd_metadata import gguf_bytes, safetensors_bytes
+from conftest import gguf_bytes, safetensors_bytes
 
 pytestmark = pytest.mark.registry
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import struct
 from pathlib import Path
 
 import pytest
 
+from conftest import gguf_bytes, safetensors_bytes
 from modelcache.errors import ImportRejected
 from modelcache.metadata import (
     gguf_capabilities,
@@ -34,44 +34,6 @@ REFERENCE_GGUF = base64.b64decode(
     "QQAAEEEAACBBAAAwQQAAQEEAAFBBAABgQQAAcEEAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
     "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 )
-
-
-def gguf_bytes(n_floats: int = 64, arch: str = "llama", context_length: int = 8192, chat_template: bool = True,
-               file_type: int | None = 15, data: bytes | None = None) -> bytes:
-    """A small, valid GGUF v3 file: a few key/values and one F32 tensor of ``n_floats`` (random) values."""
-    def s(text: str) -> bytes:
-        raw = text.encode()
-        return struct.pack("<Q", len(raw)) + raw
-
-    kvs = [s("general.architecture") + struct.pack("<I", 8) + s(arch),
-           s(f"{arch}.context_length") + struct.pack("<II", 4, context_length),
-           s("general.size_label") + struct.pack("<I", 8) + s("1K")]
-    if file_type is not None:
-        kvs.append(s("general.file_type") + struct.pack("<II", 4, file_type))
-    if chat_template:
-        kvs.append(s("tokenizer.chat_template") + struct.pack("<I", 8) + s("{{ messages }}"))
-    tokens = [f"tok{i}" for i in range(40)]  # longer than what is kept: skipped, length recorded
-    kvs.append(s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, len(tokens)) + b"".join(map(s, tokens)))
-    tensor = s("token_embd.weight") + struct.pack("<IQIQ", 1, n_floats, 0, 0)
-    head = b"GGUF" + struct.pack("<IQQ", 3, 1, len(kvs)) + b"".join(kvs) + tensor
-    head += b"\0" * (-len(head) % 32)
-    return head + (data if data is not None else os.urandom(n_floats * 4))
-
-
-def safetensors_bytes(tensors: dict[str, tuple[str, list[int]]], metadata: dict | None = None) -> bytes:
-    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8}
-    header, offset = {}, 0
-    for name, (dtype, shape) in tensors.items():
-        n = sizes[dtype]
-        for d in shape:
-            n *= d
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
-        offset += n
-    if metadata:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + os.urandom(offset)
 
 
 def write(path: Path, data: bytes) -> Path:

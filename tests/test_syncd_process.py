@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from test_syncd_metadata import gguf_bytes
+from conftest import gguf_bytes
 
 pytestmark = pytest.mark.registry
 
