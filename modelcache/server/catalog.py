@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from typing import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..auth import Role
@@ -54,6 +55,7 @@ class Catalog:
         self._accessed: dict[str, dt.datetime] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._followers: list[Callable[[list[str] | None], Awaitable[None]]] = []
         self._token_refresh = token_refresh
         self._blob_refresh = blob_refresh
         self._access_flush = access_flush
@@ -71,6 +73,15 @@ class Catalog:
             asyncio.create_task(self._every(self._blob_refresh, self._reload_blobs), name="catalog-blobs"),
             asyncio.create_task(self._every(self._access_flush, self.flush_access), name="catalog-access"),
         ]
+
+    def follow(self, update: Callable[[list[str] | None], Awaitable[None]]) -> None:
+        """Also keep another in-memory view current (the HF index): ``update(digests)`` after blobs
+        changed, ``update(None)`` after every full reload. One LISTEN connection serves them all."""
+        self._followers.append(update)
+
+    async def _tell_followers(self, digests: list[str] | None) -> None:
+        for update in self._followers:
+            await update(digests)
 
     async def stop(self) -> None:
         self._stop.set()
@@ -101,6 +112,7 @@ class Catalog:
         async with self._db.connection() as conn:
             rows = await registry.blob_index_rows(conn)
         self.blobs = {Digest.parse(r["digest"]): _blob_entry(r) for r in rows}
+        await self._tell_followers(None)
 
     async def _reload_tokens(self) -> None:
         async with self._db.connection() as conn:
@@ -144,6 +156,7 @@ class Catalog:
                             self.blobs[digest] = _blob_entry(found[text])
                         else:
                             self.blobs.pop(digest, None)
+                    await self._tell_followers(sorted(dirty))
             except DatabaseUnavailable as exc:
                 logger.warning("catalog update failed (%s); will reload on reconnect", exc.detail)
 

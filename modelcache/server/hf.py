@@ -60,10 +60,10 @@ def setup(app: web.Application) -> None:
 
 
 async def _index_ctx(app: web.Application) -> AsyncIterator[None]:
-    await app[HF_INDEX].start()
+    await app[HF_INDEX].reload()
+    app[CATALOG].follow(app[HF_INDEX].update)
     logger.info("hf mirror: %d repos with safetensors files under /hf", len(app[HF_INDEX].repos))
     yield
-    await app[HF_INDEX].stop()
 
 
 # -- handlers ------------------------------------------------------------------

@@ -10,16 +10,15 @@ Every file is presented as a Git LFS file, because that is what a sha256
 ETag means to the client: ``lfs.oid`` is its sha256, and ``oid`` is the Git
 blob id of its LFS pointer, computed from the sha256 and the size alone.
 
-The view is loaded at start and kept current like the blob catalog: the
-blob-change notifications name blobs, and the models holding those blobs are
-read again; after a reconnection, and on a timer as a safety net, everything
-is. While PostgreSQL is down the last view keeps serving, so HEAD and the
+The view is loaded at start and then follows the blob catalog
+(``Catalog.follow``, one LISTEN connection for both): when blobs change, the
+models holding them are read again; after every full reload of the catalog
+(a reconnection, and a timer as a safety net), everything is. While PostgreSQL is down the last view keeps serving, so HEAD and the
 metadata endpoints never wait on the database.
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import datetime as dt
 import hashlib
@@ -36,7 +35,6 @@ from ..db import hf as queries
 from ..digest import Digest
 from ..errors import DatabaseUnavailable, InvalidInput, NotFound
 from ..names import parse_model_name, parse_vendor, parse_version
-from .catalog import BLOBS_CHANNEL
 
 logger = logging.getLogger(__name__)
 
@@ -285,36 +283,9 @@ class HfRepo:
 class HfIndex:
     """Repos by id, answered from memory; see the module's docstring for how it stays current."""
 
-    def __init__(self, db: Database, refresh: float = 60.0) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
         self.repos: dict[RepoId, HfRepo] = {}
-        self._refresh = refresh
-        self._dirty: set[str] = set()
-        self._everything = False
-        self._changed = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
-
-    # -- lifecycle ------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Load everything (the database must be up), then follow changes in the background.
-
-        One task applies all changes, so reloads never race each other.
-        """
-        await self.reload()
-        self._tasks = [
-            asyncio.create_task(self._db.listen([BLOBS_CHANNEL], self._on_notify, self._on_connect, self._stop),
-                                name="hf-index-listen"),
-            asyncio.create_task(self._apply_changes(), name="hf-index-changes"),
-            asyncio.create_task(self._every_refresh(), name="hf-index-refresh"),
-        ]
-
-    async def stop(self) -> None:
-        self._stop.set()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- reads on the hot path ------------------------------------------------
 
@@ -350,40 +321,15 @@ class HfIndex:
             repos[repo.repo_id] = repo
         self.repos = repos
 
-    def _on_notify(self, channel: str, payload: str) -> None:
-        self._dirty.add(payload)
-        self._changed.set()
-
-    async def _on_connect(self) -> None:
-        # changes made before LISTEN (since the load at start, or while disconnected) sent no notification here
-        self._everything = True
-        self._changed.set()
-
-    async def _apply_changes(self) -> None:
-        while not self._stop.is_set():
-            await self._changed.wait()
-            self._changed.clear()
-            await asyncio.sleep(0.02)  # let a burst of notifications coalesce
-            everything, dirty = self._everything, self._dirty
-            self._everything, self._dirty = False, set()
-            try:
-                if everything:
-                    await self.reload()
-                elif dirty:
-                    await self._reload_holding(sorted(dirty))
-            except DatabaseUnavailable as exc:
-                logger.warning("hf index update failed (%s); serving the last view, reloading on reconnect",
-                               exc.detail)
-                self._everything = True
-
-    async def _every_refresh(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), self._refresh)
-                return
-            except TimeoutError:
-                self._everything = True
-                self._changed.set()
+    async def update(self, digests: list[str] | None) -> None:
+        """Follow the blob catalog (``Catalog.follow``): reload the repos holding these blobs, or all."""
+        try:
+            if digests is None:
+                await self.reload()
+            else:
+                await self._reload_holding(digests)
+        except DatabaseUnavailable as exc:  # the catalog's next full reload (at most a minute) catches up
+            logger.warning("hf index update failed, serving the last view: %s", exc.detail)
 
 
 def _build(rows: Iterable[dict]) -> list[HfRepo]:
