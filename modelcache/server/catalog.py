@@ -114,6 +114,18 @@ class Catalog:
         self.blobs = {Digest.parse(r["digest"]): _blob_entry(r) for r in rows}
         await self._tell_followers(None)
 
+    async def refresh(self, digests: list[str]) -> None:
+        """Read these blobs' entries from the registry now (a notification will say the same later)."""
+        async with self._db.connection() as conn:
+            rows = await registry.blob_index_rows(conn, digests)
+        found = {r["digest"]: r for r in rows}
+        for text in digests:
+            digest = Digest.parse(text)
+            if text in found:
+                self.blobs[digest] = _blob_entry(found[text])
+            else:
+                self.blobs.pop(digest, None)
+
     async def _reload_tokens(self) -> None:
         async with self._db.connection() as conn:
             rows = await registry.live_tokens(conn)
@@ -147,15 +159,7 @@ class Catalog:
                     dirty.discard("")
                     await self._reload_tokens()
                 if dirty:
-                    async with self._db.connection() as conn:
-                        rows = await registry.blob_index_rows(conn, sorted(dirty))
-                    found = {r["digest"]: r for r in rows}
-                    for text in dirty:
-                        digest = Digest.parse(text)
-                        if text in found:
-                            self.blobs[digest] = _blob_entry(found[text])
-                        else:
-                            self.blobs.pop(digest, None)
+                    await self.refresh(sorted(dirty))
                     await self._tell_followers(sorted(dirty))
             except DatabaseUnavailable as exc:
                 logger.warning("catalog update failed (%s); will reload on reconnect", exc.detail)

@@ -241,10 +241,7 @@ async def _materialise(app: web.Application, artifact: dict, files: list[dict], 
                                                  [(b.path, blob, b.media_type) for b, blob in pairs])
     # The catalog hears of these rows by notification, but a client asks for the config right
     # after the manifest: tell it now (the notification then brings the registry's own view).
-    for blob in blobs:
-        known = catalog.blob(blob.digest)
-        if not _present(known) or (state == "promoted" and not known.promoted):
-            catalog.blobs[blob.digest] = BlobEntry(blob.size, "present", state == "promoted")
+    await catalog.refresh([str(blob.digest) for blob in blobs])
     if changed:
         logger.info("made the Ollama manifest of artifact %s (%s, sha256:%s): %s", artifact["id"],
                     artifact["artifact_type"], artifact["sha256"],
