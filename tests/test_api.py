@@ -113,7 +113,7 @@ async def test_models_versions_artifacts_listing_and_filters(api, artifact, make
 
 
 async def test_capability_query_finds_versions_by_requirements(api, artifact, make_file, make_artifact):
-    small = await make_artifact(make_file(prefix=b"GGUF"), model="phi", version="mini")
+    await make_artifact(make_file(prefix=b"GGUF"), model="phi", version="mini")
     _, versions = await api("GET", "/v1/versions")
     ids = {v["model"]: v["id"] for v in versions["versions"]}
     status, body = await api("PATCH", f"/v1/versions/{ids['llama3']}",
@@ -133,7 +133,6 @@ async def test_capability_query_finds_versions_by_requirements(api, artifact, ma
     assert "tool_use" not in body["capabilities"] and body["default_parameters"] == {"temperature": 0.7}
     _, audit = await api("GET", "/v1/audit?action=model_version.update")
     assert audit["events"][-1]["reason"] == "model card"
-    assert small.digest  # the other version exists and was filtered out above
 
 
 async def test_promote_pin_unpin_are_audited(api, make_token, db, store, make_file, make_artifact):
