@@ -2,8 +2,8 @@
 
 Each error says what was expected, what was found and which file, digest or
 key is at fault. The HTTP layer maps them to problem+json answers in one
-middleware (``server/problems.py``); the CLI maps them to exit codes in one
-place (``cli.py``).
+middleware (``server/errors.py``); the CLI maps them to exit codes in one
+place (``cli/__init__.py``).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from .formats import DOCKER_MANIFEST_V2, detect_type, parse_artifact_type, sniff
 from .hashing import CHUNK
 from .metadata import read_capabilities
 from .names import parse_model_name, parse_vendor, parse_version
-from .ollama import (DEFAULT_NAMESPACE, MAX_MANIFEST_BYTES, Descriptor, Manifest, ModelName, ModelsDir,
+from .formats.ollama import (DEFAULT_NAMESPACE, MAX_MANIFEST_BYTES, Descriptor, Manifest, ModelName, ModelsDir,
                      ollama_capabilities)
 from .store import Blob, BlobStore
 

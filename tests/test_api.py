@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from modelcache.server.api import ENDPOINTS
+from modelcache.server.v1.api import ENDPOINTS
 
 pytestmark = pytest.mark.registry
 

@@ -2,7 +2,7 @@ import pytest
 
 from modelcache.digest import Digest
 from modelcache.errors import InvalidInput
-from modelcache.server.ranges import ByteRange, Unsatisfiable, parse_range
+from modelcache.server.blobs.ranges import ByteRange, Unsatisfiable, parse_range
 
 HEX = "a" * 64
 

@@ -3,7 +3,7 @@
 A model ``vendor/name`` is a repo; each of its safetensors artifacts is a
 revision (named by its version), and its ``artifact_files`` are the
 revision's files. The server keeps the result in memory
-(``server/hf_index.py``); these queries run at start, after a reconnection,
+(``server/hf/index.py``); these queries run at start, after a reconnection,
 and for the models a change notification names.
 """
 

@@ -15,7 +15,7 @@ from typing import Iterable
 
 from ..digest import Digest
 from ..formats import DOCKER_MANIFEST_V2
-from ..ollama import OCI_MANIFEST
+from ..formats.ollama import OCI_MANIFEST
 from ..store import Blob
 from . import registry
 from .pool import Connection

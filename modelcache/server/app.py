@@ -12,11 +12,15 @@ from .. import logs
 from ..config import Settings
 from ..db import Database
 from ..store import BlobStore
-from . import admin_api, api, blobs, health, hf, imports_api, oci, openapi, registry_api  # noqa: F401 - the API modules declare endpoints
+from . import health
+from .blobs import serve as blobs
+from .hf import routes as hf
+from .oci import routes as oci
+from .v1 import admin, api, imports, openapi, registry  # noqa: F401 - the API modules declare endpoints
 from .catalog import Catalog
 from .keys import CATALOG, DATABASE, METRICS, OPENAPI, SETTINGS, STORE
+from .errors import problems_middleware
 from .metrics import Metrics, count_requests, serve_metrics
-from .problems import problems_middleware
 
 logger = logging.getLogger(__name__)
 

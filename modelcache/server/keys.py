@@ -12,12 +12,12 @@ from ..digest import Digest
 from ..db import Database
 from ..store import BlobStore
 from .catalog import Catalog
-from .ranges import ByteRange
+from .blobs.ranges import ByteRange
 
 if TYPE_CHECKING:  # these modules use the keys themselves
-    from .hf_index import HfIndex
+    from .hf.index import HfIndex
     from .metrics import Metrics
-    from .signing import UrlSigner
+    from .blobs.signing import UrlSigner
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)

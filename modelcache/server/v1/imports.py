@@ -6,13 +6,13 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .. import artifacts
-from ..digest import Digest
-from ..errors import InvalidInput
-from ..importer import ImportRequest, import_stream
+from ... import artifacts
+from ...digest import Digest
+from ...errors import InvalidInput
+from ...importer import ImportRequest, import_stream
 from .api import MANAGERS, Call, Query, endpoint
-from .keys import STORE
-from .registry_api import NAME, VERSION, ArtifactOut, artifact_out
+from ..keys import STORE
+from .registry import NAME, VERSION, ArtifactOut, artifact_out
 
 
 class UploadQuery(Query):

@@ -8,9 +8,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, StrictInt
 
-from .. import preferences, tokens
-from ..auth import Role
-from ..db import management
+from ... import preferences, tokens
+from ...auth import Role
+from ...db import management
 from .api import ADMINS, ALL_ROLES, MANAGERS, Call, Query, Strict, endpoint
 
 READERS = ALL_ROLES - {Role.NODE}

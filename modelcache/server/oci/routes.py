@@ -46,16 +46,16 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..auth import Subject
-from ..digest import Digest
-from ..errors import DatabaseUnavailable, Forbidden, InvalidInput, ModelcacheError, NotFound, Unauthorized
-from ..ollama import OCI_MANIFEST
+from ...auth import Subject
+from ...digest import Digest
+from ...errors import DatabaseUnavailable, Forbidden, InvalidInput, ModelcacheError, NotFound, Unauthorized
+from ...formats.ollama import OCI_MANIFEST
 from . import manifests
-from .auth import authenticate, basic_password, token_subject
-from .blobs import send_blob, servable
-from .keys import CATALOG, DIGEST, SETTINGS, SIGNER
+from ..auth import authenticate, basic_password, token_subject
+from ..blobs.serve import send_blob, servable
+from ..keys import CATALOG, DIGEST, SETTINGS, SIGNER
 from .manifests import ManifestUnknown, Repository
-from .signing import UrlSigner
+from ..blobs.signing import UrlSigner
 
 logger = logging.getLogger(__name__)
 

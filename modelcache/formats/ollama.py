@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .digest import Digest
-from .errors import ImportRejected, InvalidInput, NotFound
-from .formats import DOCKER_MANIFEST_V2, load_json_object
+from ..digest import Digest
+from ..errors import ImportRejected, InvalidInput, NotFound
+from . import DOCKER_MANIFEST_V2, load_json_object
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 CONFIG = "application/vnd.docker.container.image.v1+json"

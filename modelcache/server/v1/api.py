@@ -19,11 +19,11 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..auth import Role, Subject
-from ..db import registry
-from ..errors import DatabaseUnavailable, Forbidden, InvalidInput, ModelcacheError, Unauthorized
-from .auth import authenticate
-from .keys import DATABASE
+from ...auth import Role, Subject
+from ...db import registry
+from ...errors import DatabaseUnavailable, Forbidden, InvalidInput, ModelcacheError, Unauthorized
+from ..auth import authenticate
+from ..keys import DATABASE
 
 logger = logging.getLogger(__name__)
 

@@ -34,16 +34,16 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from ..auth import Subject
-from ..db import oci as queries
-from ..digest import Digest
-from ..errors import Forbidden, ImportRejected, InvalidInput, ModelcacheError, NotFound
-from ..formats import DOCKER_MANIFEST_V2
-from ..metadata import gguf_capabilities, read_gguf_header
-from ..ollama import MAX_MANIFEST_BYTES, MODEL, OCI_MANIFEST, Descriptor, Manifest, SmallBlob, synthesise
-from ..store import Blob, BlobStore
-from .catalog import BlobEntry
-from .keys import CATALOG, DATABASE, STORE
+from ...auth import Subject
+from ...db import oci as queries
+from ...digest import Digest
+from ...errors import Forbidden, ImportRejected, InvalidInput, ModelcacheError, NotFound
+from ...formats import DOCKER_MANIFEST_V2
+from ...metadata import gguf_capabilities, read_gguf_header
+from ...formats.ollama import MAX_MANIFEST_BYTES, MODEL, OCI_MANIFEST, Descriptor, Manifest, SmallBlob, synthesise
+from ...store import Blob, BlobStore
+from ..catalog import BlobEntry
+from ..keys import CATALOG, DATABASE, STORE
 
 logger = logging.getLogger(__name__)
 

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Iterable
 
-from ..auth import Subject
-from ..db import Database
-from ..db import hf as queries
-from ..digest import Digest
-from ..errors import DatabaseUnavailable, InvalidInput, NotFound
-from ..names import parse_model_name, parse_vendor, parse_version
+from ...auth import Subject
+from ...db import Database
+from ...db import hf as queries
+from ...digest import Digest
+from ...errors import DatabaseUnavailable, InvalidInput, NotFound
+from ...names import parse_model_name, parse_vendor, parse_version
 
 logger = logging.getLogger(__name__)
 

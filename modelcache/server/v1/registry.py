@@ -8,12 +8,12 @@ from typing import Any
 
 from pydantic import BaseModel, Field, StrictBool
 
-from .. import artifacts, scrub
-from ..auth import Role
-from ..db import management, registry
-from ..errors import NotFound
+from ... import artifacts, scrub
+from ...auth import Role
+from ...db import management, registry
+from ...errors import NotFound
 from .api import ALL_ROLES, MANAGERS, Call, Query, Strict, endpoint
-from .keys import STORE
+from ..keys import STORE
 
 READERS = ALL_ROLES - {Role.NODE}
 

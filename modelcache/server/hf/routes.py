@@ -9,7 +9,7 @@
 ============================================  ==============================================
 
 ``{repo}`` is ``vendor/name`` (or ``name`` for a model without a vendor); revisions and commit ids are
-described in ``hf_index.py``. Every answer comes from memory (the index and the blob catalog), so a
+described in ``index.py``. Every answer comes from memory (the index and the blob catalog), so a
 HEAD never waits on the database; bytes go through :func:`~.blobs.send_blob`, with the same
 promotion rules as ``/v1/blobs`` (:func:`~.blobs.servable`) and the same last-access bookkeeping.
 
@@ -32,13 +32,13 @@ from typing import AsyncIterator, Awaitable, Callable, Mapping
 from aiohttp import web
 from yarl import URL
 
-from ..auth import Subject
-from ..errors import DatabaseUnavailable, InvalidInput, ModelcacheError, Unauthorized
-from .auth import authenticate
-from .blobs import CACHE_CONTROL, send_blob, servable
-from .hf_index import (MAIN, HfFile, HfFolder, HfIndex, HfNotFound, HfRepo, HfRevision, RepoId, RepoPath, Revision,
+from ...auth import Subject
+from ...errors import DatabaseUnavailable, InvalidInput, ModelcacheError, Unauthorized
+from ..auth import authenticate
+from ..blobs.serve import CACHE_CONTROL, send_blob, servable
+from .index import (MAIN, HfFile, HfFolder, HfIndex, HfNotFound, HfRepo, HfRevision, RepoId, RepoPath, Revision,
                        page_after)
-from .keys import CATALOG, DATABASE, DIGEST, HF_INDEX, SETTINGS
+from ..keys import CATALOG, DATABASE, DIGEST, HF_INDEX, SETTINGS
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter
 
-from .. import __version__
+from ... import __version__
 from .api import ENDPOINTS, Endpoint
-from .keys import OPENAPI
+from ..keys import OPENAPI
 
 _PROBLEM = {
     "type": "object",

@@ -6,7 +6,7 @@ import json
 import struct
 from pathlib import Path
 
-from .errors import ImportRejected, InvalidInput
+from ..errors import ImportRejected, InvalidInput
 
 ARTIFACT_TYPES = ("gguf", "safetensors", "ollama")
 GGUF_MAGIC = b"GGUF"

@@ -13,12 +13,12 @@ from typing import Mapping
 
 from aiohttp import web
 
-from ..auth import Subject
-from ..digest import Digest
-from ..errors import Forbidden, NotFound
-from .auth import authenticate
-from .catalog import BlobEntry
-from .keys import CATALOG, DIGEST, METRICS, RANGE, SENT, STORE
+from ...auth import Subject
+from ...digest import Digest
+from ...errors import Forbidden, NotFound
+from ..auth import authenticate
+from ..catalog import BlobEntry
+from ..keys import CATALOG, DIGEST, METRICS, RANGE, SENT, STORE
 from .ranges import Unsatisfiable, parse_range
 
 logger = logging.getLogger(__name__)

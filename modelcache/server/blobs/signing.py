@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from ..digest import Digest
-from ..errors import ConfigError, Unauthorized
+from ...digest import Digest
+from ...errors import ConfigError, Unauthorized
 
 logger = logging.getLogger(__name__)
 
