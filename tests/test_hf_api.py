@@ -14,7 +14,7 @@ from modelcache import artifacts, preferences
 from modelcache.auth import Subject
 from modelcache.server.keys import HF_INDEX
 from modelcache.server.keys import CATALOG, STORE
-from conftest import safetensors_bytes
+from conftest import gguf_bytes, safetensors_bytes
 
 pytestmark = pytest.mark.registry
 
@@ -257,7 +257,8 @@ async def test_tree_lists_files_and_folders_recursively_in_pages_linked_by_commi
 async def test_every_pull_needs_a_token_or_a_trusted_network(server, http, make_repo, start_server,
                                                              make_settings):
     files, _ = await make_repo("1")
-    for path in (f"api/models/{REPO}", f"api/models/{REPO}/tree/main", f"{REPO}/resolve/main/config.json"):
+    for path in (f"api/models/{REPO}", f"api/models/{REPO}/refs", f"api/models/{REPO}/tree/main",
+                 f"{REPO}/resolve/main/config.json"):
         async with http.get(hf_url(server, path)) as r:
             assert r.status == 401, path
             assert r.headers["WWW-Authenticate"].startswith("Bearer")
@@ -305,6 +306,88 @@ async def test_staged_versions_are_for_admins_and_operators_until_promoted(serve
                 break
         assert asyncio.get_running_loop().time() < deadline, "the index did not follow the promotion"
         await asyncio.sleep(0.05)
+
+
+async def test_refs_are_main_and_each_version_the_subject_may_read(server, http, make_repo, make_token, db):
+    _, commit1 = await make_repo("1")
+    _, commit2 = await make_repo("2")
+    await preferences.set_preference(db, "models.import.auto_promote", False, Subject.local())
+    _, commit3 = await make_repo("3")
+    _, hidden = await make_repo("1", name="hidden")
+    reader, admin = [bearer(await make_token(role)) for role in ("reader", "admin")]
+
+    async def refs(repo: str, headers: dict, query: str = "") -> dict:
+        async with http.get(hf_url(server, f"api/models/{repo}/refs{query}"), headers=headers) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+    def branch(name: str, commit: str) -> dict:
+        return {"name": name, "ref": f"refs/heads/{name}", "targetCommit": commit}
+
+    # main is the newest promoted version; a staged one is a branch only for those who may read it
+    assert await refs(REPO, reader) == {"branches": [branch("main", commit2), branch("2", commit2),
+                                                     branch("1", commit1)], "converts": [], "tags": []}
+    assert (await refs(REPO, admin))["branches"] == [branch("main", commit2), branch("3", commit3),
+                                                     branch("2", commit2), branch("1", commit1)]
+    assert (await refs(REPO, reader, "?include_prs=1"))["pullRequests"] == []
+    assert await refs("acme/hidden", admin) == {"branches": [branch("1", hidden)], "converts": [], "tags": []}
+    async with http.get(hf_url(server, "api/models/acme/hidden/refs"), headers=reader) as r:
+        assert (r.status, r.headers["X-Error-Code"]) == (404, "RepoNotFound")
+    async with http.get(hf_url(server, "api/models/acme/nothing/refs"), headers=reader) as r:
+        assert (r.status, r.headers["X-Error-Code"]) == (404, "RepoNotFound")
+
+    _, solo = await make_repo("1", name="solo", vendor=None)
+    assert (await refs("solo", admin))["branches"] == [branch("1", solo)]  # not the model "refs" of vendor "solo"
+
+
+async def test_llama_cpp_finds_and_downloads_a_gguf_by_refs_tree_and_resolve(server, http, make_repo, make_token,
+                                                                            start_server, make_settings, tmp_path):
+    """The requests llama.cpp's ``-hf acme/tiny`` makes (common/hf-cache.cpp, common/download.cpp), replayed:
+    the refs, the recursive tree at main's commit, then HEAD and GET of ``resolve/{commit}/{path}`` for
+    the GGUF it picks, kept as ``blobs/{lfs.oid}``."""
+    files = {**snapshot_files("gguf"), "tiny-Q8_0.gguf": gguf_bytes(n_floats=96),
+             "tiny-Q4_K_M.gguf": gguf_bytes(n_floats=64)}
+    files, commit = await make_repo("1", files=files)
+    token = await make_token("node")
+    # llama.cpp sends a token to /api only if it looks like the Hub's (hf_ and 34+ letters or digits),
+    # never one of ours: without trusted_networks its first request is refused
+    async with http.get(hf_url(server, f"api/models/{REPO}/refs")) as r:
+        assert r.status == 401
+    trusted = await start_server(make_settings(**{"server.trusted_networks": ["127.0.0.0/8"]}))
+    await trusted.app[HF_INDEX].reload()
+    endpoint = hf_url(trusted, "")  # HF_ENDPOINT with the slash llama.cpp appends
+    api_headers = {"User-Agent": "llama-cpp/b1-test", "Accept": "application/json"}
+
+    async with http.get(f"{endpoint}api/models/{REPO}/refs", headers=api_headers) as r:
+        assert r.status == 200
+        branches = (await r.json())["branches"]
+    chosen = next(b for b in branches if b["name"] == "main")
+    assert chosen["targetCommit"] == commit
+
+    async with http.get(f"{endpoint}api/models/{REPO}/tree/{chosen['targetCommit']}?recursive=true",
+                        headers=api_headers) as r:
+        assert r.status == 200
+        listed = {e["path"]: (e["lfs"]["oid"] if "lfs" in e else e["oid"]) for e in await r.json()
+                  if e["type"] == "file"}
+    assert listed == {path: sha256(data) for path, data in files.items()}
+    path = next(p for p in listed if p.endswith(".gguf") and "q4_k_m." in p.lower())  # its default quant
+
+    url = f"{endpoint}{REPO}/resolve/{commit}/{path}"
+    file_headers = {"User-Agent": "llama-cpp/b1-test", "Authorization": f"Bearer {token}"}  # sent as given
+    async with http.head(url, headers=file_headers) as r:
+        assert r.status == 200
+        assert r.headers["Content-Length"] == str(len(files[path]))
+        assert r.headers["Accept-Ranges"] == "bytes"
+    blob = tmp_path / "llama-cache" / "blobs" / listed[path]
+    blob.parent.mkdir(parents=True)
+    async with http.get(url, headers=file_headers) as r:
+        assert r.status == 200
+        blob.write_bytes((await r.read())[:100])  # the connection drops after 100 bytes
+    async with http.get(url, headers={**file_headers, "Range": "bytes=100-"}) as r:
+        assert r.status == 206  # llama.cpp resumes only from a 206
+        blob.write_bytes(blob.read_bytes() + await r.read())
+    assert blob.read_bytes() == files[path]
+    assert sha256(blob.read_bytes()) == blob.name
 
 
 async def test_evicted_versions_are_not_served(server, http, make_repo, make_token, db):

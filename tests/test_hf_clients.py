@@ -165,3 +165,19 @@ async def test_the_hf_download_command_with_a_token_from_the_environment(cache, 
         env={**env, "HF_TOKEN": "mc_revoked-or-wrong"}, capture_output=True, text=True, timeout=120)
     assert denied.returncode != 0
     assert "unknown or revoked token" in denied.stdout + denied.stderr
+
+
+async def test_list_repo_refs_names_main_and_each_version(cache):
+    # in this process: HfApi takes its endpoint as an argument, not from HF_ENDPOINT at import time
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    server, token, imported = cache
+    (_, commit1), (_, commit2) = imported["1"], imported["2"]
+    api = HfApi(endpoint=server.endpoint, token=token)
+    refs = await asyncio.to_thread(api.list_repo_refs, REPO, include_pull_requests=True)
+    assert [(b.name, b.ref, b.target_commit) for b in refs.branches] == [
+        ("main", "refs/heads/main", commit2), ("2", "refs/heads/2", commit2), ("1", "refs/heads/1", commit1)]
+    assert (refs.tags, refs.converts, refs.pull_requests) == ([], [], [])
+    with pytest.raises(RepositoryNotFoundError):
+        await asyncio.to_thread(api.list_repo_refs, "acme/nothing")

@@ -270,6 +270,17 @@ class HfRepo:
         raise RevisionNotFound(f"{self.repo_id} has no revision {_shown(revision.text)}: revisions are main, "
                                f"a version ({versions or 'none you may read'}) or a 40-hex commit id")
 
+    def branches(self, subject: Subject) -> list[tuple[str, HfRevision]]:
+        """The names this subject may resolve, each with the revision :meth:`resolve` gives it:
+        ``main`` first (if there is a promoted version), then the versions, newest first."""
+        found = []
+        for name in dict.fromkeys((MAIN, *(r.version for r in self.revisions))):
+            try:
+                found.append((name, self.resolve(Revision(name), subject)))
+            except RevisionNotFound:
+                continue  # hidden from this subject (staged, evicted, quarantined), or no main
+        return found
+
     def _allowed(self, r: HfRevision, subject: Subject, what: str) -> HfRevision:
         reason = r.hidden_from(subject)
         if reason is not None:

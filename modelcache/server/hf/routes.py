@@ -1,12 +1,14 @@
 """The Hugging Face mirror under ``/hf``: with ``HF_ENDPOINT=http://HOST:12085/hf``, huggingface_hub
-(``snapshot_download``, ``hf_hub_download``, ``hf download``) pulls from the cache.
+(``snapshot_download``, ``hf_hub_download``, ``hf download``, ``list_repo_refs``) pulls from the cache,
+and so does llama.cpp's ``-hf vendor/name`` (refs, then the tree at that commit, then ``resolve``).
 
-============================================  ==============================================
-``GET /hf/api/models/{repo}[/revision/{rev}]``  model info: ``id``, ``sha`` (the commit id), ``siblings``
-``GET /hf/api/models/{repo}/tree/{rev}[/{path}]``  files and folders (``?recursive=true``), paged by
-                                                ``Link: <...>; rel="next"`` (``limit``, ``cursor``)
-``HEAD``/``GET /hf/{repo}/resolve/{rev}/{path}``  a file: ranges, ``X-Repo-Commit``, ``ETag`` = its sha256
-============================================  ==============================================
+==================================================  ==================================================
+``GET /hf/api/models/{repo}[/revision/{rev}]``      model info: ``id``, ``sha`` (the commit id), ``siblings``
+``GET /hf/api/models/{repo}/refs``                  branches: ``main`` and each version, with its commit id
+``GET /hf/api/models/{repo}/tree/{rev}[/{path}]``   files and folders (``?recursive=true``), paged by
+                                                    ``Link: <...>; rel="next"`` (``limit``, ``cursor``)
+``HEAD``/``GET /hf/{repo}/resolve/{rev}/{path}``    a file: ranges, ``X-Repo-Commit``, ``ETag`` = its sha256
+==================================================  ==================================================
 
 ``{repo}`` is ``vendor/name`` (or ``name`` for a model without a vendor); revisions and commit ids are
 described in ``index.py``. Every answer comes from memory (the index and the blob catalog), so a
@@ -50,6 +52,9 @@ def setup(app: web.Application) -> None:
     """Mount the mirror: its index (started and stopped with the app) and its routes."""
     app[HF_INDEX] = HfIndex(app[DATABASE])
     app.cleanup_ctx.append(_index_ctx)
+    # first: ``solo/refs`` is the refs of the vendorless ``solo``, not the model ``refs`` of vendor ``solo``
+    for repo in ("{vendor}/{name}", "{name}"):
+        app.router.add_get(f"/hf/api/models/{repo}/refs", _answered(refs))
     for repo in ("{vendor}/{name}", "{name}"):
         app.router.add_get(f"/hf/api/models/{repo}", _answered(model_info))
         app.router.add_get(f"/hf/api/models/{repo}/revision/{{revision}}", _answered(model_info))
@@ -74,6 +79,23 @@ async def model_info(request: web.Request) -> web.StreamResponse:
     asked = Asked.parse(request)
     repo, revision = asked.find(request.app[HF_INDEX])
     return web.json_response(_model_json(repo, revision))
+
+
+async def refs(request: web.Request) -> web.StreamResponse:
+    """What ``list_repo_refs`` reads, and where llama.cpp's ``-hf`` starts: it takes the commit of
+    the branch ``main`` (else the first branch), then lists the tree at that commit. Branches are
+    the names this subject may resolve; there are no tags, converts or pull requests."""
+    asked = Asked.parse(request)
+    repo = request.app[HF_INDEX].repo(asked.repo_id, asked.subject)
+    body: dict = {
+        "branches": [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": revision.commit}
+                     for name, revision in repo.branches(asked.subject)],
+        "converts": [],
+        "tags": [],
+    }
+    if _flag(request.query, "include_prs"):
+        body["pullRequests"] = []  # the client reads this key only when it asked for it
+    return web.json_response(body)
 
 
 async def tree(request: web.Request) -> web.StreamResponse:
