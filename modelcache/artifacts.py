@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 
 from .auth import Subject
-from .db import Database, management, registry
+from .db import Database, artifacts, audit, blobs
 from .digest import Digest
 from .errors import Conflict, NotFound
 from .store import BlobStore
@@ -35,10 +35,10 @@ def parse_artifact_ref(text: str) -> tuple[uuid.UUID | None, str | None]:
 async def load(db: Database, ref: str) -> dict:
     artifact_id, sha256 = parse_artifact_ref(ref)
     async with db.connection() as conn:
-        row = await management.get_artifact(conn, artifact_id, sha256)
+        row = await artifacts.get_artifact(conn, artifact_id, sha256)
         if row is None:
             raise NotFound(f"no artifact {ref}")
-        row["files"] = (await management.artifact_files(conn, [row["id"]]))[row["id"]]
+        row["files"] = (await artifacts.artifact_files(conn, [row["id"]]))[row["id"]]
     return row
 
 
@@ -87,7 +87,7 @@ async def evict(db: Database, store: BlobStore, ref: str, subject: Subject, reas
     """
     artifact_id, sha256 = parse_artifact_ref(ref)
     async with db.transaction() as conn:
-        artifact = await management.get_artifact(conn, artifact_id, sha256, for_update=True)
+        artifact = await artifacts.get_artifact(conn, artifact_id, sha256, for_update=True)
         if artifact is None:
             raise NotFound(f"no artifact {ref}")
         refusal = None
@@ -95,32 +95,32 @@ async def evict(db: Database, store: BlobStore, ref: str, subject: Subject, reas
             refusal = "it is pinned"
         elif artifact["state"] == "evicted":
             refusal = "it is already evicted"
-        elif nodes := await management.artifact_in_use(conn, artifact["id"]):
+        elif nodes := await artifacts.artifact_in_use(conn, artifact["id"]):
             refusal = f"node {', '.join(nodes)} is loading it"
         if refusal is None:
-            blobs = await management.unshared_blobs(conn, artifact["id"])
-            for blob in blobs:
-                await management.set_blob_state(conn, blob["digest"], "evicted")
-            await management.set_artifact(conn, artifact["id"], str(subject), state="evicted")
-            freed = sum(b["size_bytes"] for b in blobs)
-            await registry.audit(conn, subject, "model_artifact.evict", "model_artifact", _resource(artifact),
+            unshared = await artifacts.unshared_blobs(conn, artifact["id"])
+            for blob in unshared:
+                await blobs.set_blob_state(conn, blob["digest"], "evicted")
+            await artifacts.set_artifact(conn, artifact["id"], str(subject), state="evicted")
+            freed = sum(b["size_bytes"] for b in unshared)
+            await audit.audit(conn, subject, "model_artifact.evict", "model_artifact", _resource(artifact),
                                  outcome="evicted", reason=reason,
-                                 details={"freed_bytes": freed, "removed_blobs": [b["digest"] for b in blobs]})
+                              details={"freed_bytes": freed, "removed_blobs": [b["digest"] for b in unshared]})
     if refusal is not None:
         await _audit(db, subject, "model_artifact.evict", artifact, outcome="refused", reason=refusal)
         raise Conflict(f"cannot evict artifact {artifact['id']}: {refusal}")
-    for blob in blobs:
+    for blob in unshared:
         await remove_if_evicted(db, store, Digest.parse(blob["digest"]))
     logger.info("evicted artifact %s (sha256:%s, %s): freed %d bytes in %d blobs by %s (%s)", artifact["id"],
-                artifact["sha256"], _label(artifact), freed, len(blobs), subject, reason)
-    return Eviction(artifact["id"], freed, [b["digest"] for b in blobs])
+                artifact["sha256"], _label(artifact), freed, len(unshared), subject, reason)
+    return Eviction(artifact["id"], freed, [b["digest"] for b in unshared])
 
 
 async def remove_if_evicted(db: Database, store: BlobStore, digest: Digest) -> bool:
     """Unlink an evicted blob's file, re-checked under its row lock: an import of the same bytes
     may have brought it back since the eviction committed."""
     async with db.transaction() as conn:
-        if await management.lock_blob_state(conn, str(digest)) != "evicted":
+        if await blobs.lock_blob_state(conn, str(digest)) != "evicted":
             return False
         await asyncio.to_thread(store.remove, digest)
     return True
@@ -136,7 +136,7 @@ class BlobCheck:
 async def verify_blob(db: Database, store: BlobStore, digest: Digest, subject: Subject) -> BlobCheck:
     """Re-hash one blob; a mismatch, a size change or a missing file quarantines it at once."""
     async with db.connection() as conn:
-        row = await management.blob_row(conn, str(digest))
+        row = await blobs.blob_row(conn, str(digest))
     if row is None:
         raise NotFound(f"blob {digest} is not in the registry")
     if row["state"] != "present":
@@ -152,7 +152,7 @@ async def verify_blob(db: Database, store: BlobStore, digest: Digest, subject: S
             reason = f"content changed: expected {digest}, got {hasher.digest}"
         else:
             async with db.connection() as conn:
-                await management.mark_verified(conn, str(digest))
+                await blobs.mark_verified(conn, str(digest))
             return BlobCheck(str(digest), True)
     await _quarantine(db, store, digest, subject, reason)
     return BlobCheck(str(digest), False, reason)
@@ -164,12 +164,12 @@ async def _quarantine(db: Database, store: BlobStore, digest: Digest, subject: S
     except FileNotFoundError:
         moved = None
     async with db.transaction() as conn:
-        await management.set_blob_state(conn, str(digest), "quarantined")
-        held_by = await management.artifacts_of_blob(conn, str(digest))
+        await blobs.set_blob_state(conn, str(digest), "quarantined")
+        held_by = await artifacts.artifacts_of_blob(conn, str(digest))
         for artifact in held_by:
             if artifact["state"] != "evicted":
-                await management.set_artifact(conn, artifact["id"], str(subject), state="quarantined")
-        await registry.audit(conn, subject, "blob.quarantine", "blob", str(digest), outcome="quarantined",
+                await artifacts.set_artifact(conn, artifact["id"], str(subject), state="quarantined")
+        await audit.audit(conn, subject, "blob.quarantine", "blob", str(digest), outcome="quarantined",
                              reason=reason, details={"moved_to": str(moved) if moved else None,
                                                      "artifacts": [str(a["id"]) for a in held_by]})
     logger.error("QUARANTINED blob %s: %s; moved to %s; artifacts %s no longer served", digest, reason,
@@ -188,15 +188,15 @@ async def verify_artifact(db: Database, store: BlobStore, ref: str, subject: Sub
 
 async def _change(db: Database, subject: Subject, action: str, artifact: dict, **changes) -> None:
     async with db.transaction() as conn:
-        await management.set_artifact(conn, artifact["id"], str(subject), **changes)
-        await registry.audit(conn, subject, action, "model_artifact", _resource(artifact), outcome="ok",
+        await artifacts.set_artifact(conn, artifact["id"], str(subject), **changes)
+        await audit.audit(conn, subject, action, "model_artifact", _resource(artifact), outcome="ok",
                              details={k: v for k, v in changes.items()})
 
 
 async def _audit(db: Database, subject: Subject, action: str, artifact: dict, outcome: str,
                  reason: str | None = None) -> None:
     async with db.connection() as conn:
-        await registry.audit(conn, subject, action, "model_artifact", _resource(artifact), outcome=outcome,
+        await audit.audit(conn, subject, action, "model_artifact", _resource(artifact), outcome=outcome,
                              reason=reason)
 
 

@@ -14,7 +14,7 @@ import uuid
 
 from . import artifacts, preferences
 from .auth import Subject
-from .db import Database, management
+from .db import Database, artifacts as artifact_rows, blobs
 from .errors import Conflict, ModelcacheError
 from .store import BlobStore
 
@@ -34,7 +34,7 @@ async def admit(db: Database, incoming_bytes: int) -> None:
     if prefs["models.cache.evict_policy"] != "none":
         return
     async with db.connection() as conn:
-        used = await management.cache_usage(conn)
+        used = await blobs.cache_usage(conn)
     limit = int(prefs["models.cache.max_bytes"])
     if used + incoming_bytes > limit:
         raise CacheFull(f"the cache holds {used} of {limit} bytes and the eviction policy is 'none': "
@@ -46,10 +46,10 @@ async def enforce(db: Database, store: BlobStore, keep: uuid.UUID | None = None)
     prefs = await preferences.effective(db)
     policy, limit = prefs["models.cache.evict_policy"], int(prefs["models.cache.max_bytes"])
     async with db.connection() as conn:
-        used = await management.cache_usage(conn)
+        used = await blobs.cache_usage(conn)
         if used <= limit or policy == "none":
             return 0
-        candidates = await management.eviction_candidates(conn, policy)
+        candidates = await artifact_rows.eviction_candidates(conn, policy)
     freed = 0
     for candidate in candidates:
         if used - freed <= limit:

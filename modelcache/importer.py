@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Awaitable, Mapping
 
 from . import eviction, preferences
 from .auth import Subject
-from .db import management, registry
+from .db import artifacts, audit, blobs, models
 from .db.pool import Database
 from .digest import Digest
 from .errors import ChecksumError, ImportRejected, InvalidInput, ModelcacheError, NotFound, SourceChanged
@@ -294,10 +294,10 @@ async def _register(db: Database, req: ImportRequest, ingested: _Ingested, subje
     auto_promote = (await preferences.effective(db))["models.import.auto_promote"]
     async with db.transaction() as conn:
         for _, blob in files:
-            await registry.record_blob(conn, blob.digest, blob.size, blob.xxh3)
+            await blobs.record_blob(conn, blob.digest, blob.size, blob.xxh3)
         if manifest is not files[0][1]:
-            await registry.record_blob(conn, manifest.digest, manifest.size, manifest.xxh3)
-        existing = await registry.artifact_by_sha256(conn, digest)
+            await blobs.record_blob(conn, manifest.digest, manifest.size, manifest.xxh3)
+        existing = await artifacts.artifact_by_sha256(conn, digest)
         if existing is not None:
             same = (existing["model_name"], existing["model_vendor"], existing["version"]) == (
                 req.model, req.vendor, req.version)
@@ -309,12 +309,12 @@ async def _register(db: Database, req: ImportRequest, ingested: _Ingested, subje
             artifact, created, outcome = existing, False, "unchanged"
             if existing["state"] == "evicted":  # its bytes are back: it is servable again
                 state = "promoted" if auto_promote else "staged"
-                await management.set_artifact(conn, existing["id"], str(subject), state=state)
+                await artifacts.set_artifact(conn, existing["id"], str(subject), state=state)
                 artifact, created, outcome = {**existing, "state": state}, True, "restored"
         else:
-            model_id = await registry.upsert_model(conn, req.model, req.vendor, str(subject))
-            version_id = await registry.upsert_version(conn, model_id, req.version)
-            artifact = await registry.insert_artifact(
+            model_id = await models.upsert_model(conn, req.model, req.vendor, str(subject))
+            version_id = await models.upsert_version(conn, model_id, req.version)
+            artifact = await artifacts.insert_artifact(
                 conn,
                 version_id=version_id,
                 artifact_type=artifact_type,
@@ -326,16 +326,16 @@ async def _register(db: Database, req: ImportRequest, ingested: _Ingested, subje
                 by=str(subject),
             )
             for path, blob in files:
-                await registry.insert_artifact_file(
+                await artifacts.insert_artifact_file(
                     conn, artifact["id"], path, blob.digest, blob.size,
                     ingested.media_types.get(path) or _media_type(path, artifact_type))
             capabilities = {**ingested.content_caps, **(req.capabilities or {})}
             if capabilities or req.default_parameters:
-                await registry.merge_version_metadata(conn, version_id, capabilities, req.default_parameters)
+                await models.merge_version_metadata(conn, version_id, capabilities, req.default_parameters)
             if req.description:
-                await registry.describe_model(conn, model_id, req.description, str(subject))
+                await models.describe_model(conn, model_id, req.description, str(subject))
             created, outcome = True, "created"
-        await registry.audit(
+        await audit.audit(
             conn, subject, "model_artifact.import", "model_artifact", str(digest),
             outcome=outcome,
             details={"path": str(req.path), "model": req.model_label, "artifact_type": artifact_type,
@@ -446,7 +446,7 @@ def _label(row: dict) -> str:
 async def _audit_failure(db: Database, req: ImportRequest, subject: Subject, exc: ModelcacheError) -> None:
     try:
         async with db.connection() as conn:
-            await registry.audit(
+            await audit.audit(
                 conn, subject, "model_artifact.import", "model_artifact", None,
                 outcome="failed", reason=exc.detail, details={"path": str(req.path), "model": req.model_label},
             )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .auth import Subject
-from .db import Database, management, registry
+from .db import Database, audit, preferences
 from .errors import Conflict, InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ async def effective(db: Database) -> dict[str, Any]:
 async def entries(db: Database) -> dict[str, dict]:
     """Every known key with its value, version, who set it and when (defaults have version 0)."""
     async with db.connection() as conn:
-        stored = await registry.system_preferences(conn)
+        stored = await preferences.system_preferences(conn)
     out = {}
     for key, spec in KEYS.items():
         row = stored.get(key)
@@ -94,15 +94,15 @@ async def set_preference(db: Database, key: str, value: Any, subject: Subject, *
     except ValueError as exc:
         raise InvalidInput(f"preference {key} = {value!r}: {exc}") from None
     async with db.transaction() as conn:
-        old = await management.get_preference(conn, key, for_update=True)
+        old = await preferences.get_preference(conn, key, for_update=True)
         current = old["version"] if old else 0
         if expected_version is not None and expected_version != current:
             raise Conflict(f"preference {key} is at version {current}, not {expected_version}: "
                            "someone changed it; read it again and retry")
-        row = await management.upsert_preference(conn, key, value, spec.value_type, str(subject), old)
+        row = await preferences.upsert_preference(conn, key, value, spec.value_type, str(subject), old)
         old_value = old["value"] if old else spec.default
-        await management.preference_audit(conn, row["id"], old_value, value, str(subject), reason)
-        await registry.audit(conn, subject, "preference.update", "preference", key, reason=reason,
+        await preferences.preference_audit(conn, row["id"], old_value, value, str(subject), reason)
+        await audit.audit(conn, subject, "preference.update", "preference", key, reason=reason,
                              details={"old_value": old_value, "new_value": value, "version": row["version"]})
     logger.info("preference %s changed from %r to %r (version %d) by %s%s", key, old_value, value, row["version"],
                 subject, f": {reason}" if reason else "")

@@ -8,7 +8,7 @@ import time
 
 from . import artifacts
 from .auth import Subject
-from .db import Database, management
+from .db import Database, blobs
 from .digest import Digest
 from .errors import DatabaseUnavailable
 from .store import BlobStore
@@ -21,10 +21,10 @@ SCRUB = Subject("scrub", "scrub")
 async def scrub(db: Database, store: BlobStore, subject: Subject = SCRUB) -> list[artifacts.BlobCheck]:
     started = time.monotonic()
     async with db.connection() as conn:
-        blobs = await management.present_blobs(conn)
-    checks = [await artifacts.verify_blob(db, store, Digest.parse(b["digest"]), subject) for b in blobs]
+        present = await blobs.present_blobs(conn)
+    checks = [await artifacts.verify_blob(db, store, Digest.parse(b["digest"]), subject) for b in present]
     bad = [c for c in checks if not c.ok]
-    total = sum(b["size_bytes"] for b in blobs)
+    total = sum(b["size_bytes"] for b in present)
     logger.log(logging.ERROR if bad else logging.INFO, "scrub: %d blobs, %d bytes in %.1fs; %d quarantined",
                len(checks), total, time.monotonic() - started, len(bad))
     return checks

@@ -15,7 +15,7 @@ import logging
 import time
 
 from .artifacts import remove_if_evicted
-from .db import Database, management
+from .db import Database, blobs
 from .store import BlobStore
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ async def sweep(db: Database, store: BlobStore, min_age: float = DEFAULT_MIN_AGE
     for start in range(0, len(stored), 1000):
         batch = stored[start:start + 1000]
         async with db.connection() as conn:
-            states = await management.blob_states(conn, [str(d) for d, _ in batch])
+            states = await blobs.blob_states(conn, [str(d) for d, _ in batch])
         for digest, ctime in batch:
             state = states.get(str(digest))
             if state is None and now - ctime >= min_age:

@@ -8,7 +8,7 @@ import re
 import uuid
 
 from .auth import Role, Subject, new_secret, parse_token_name, secret_sha256
-from .db import Database, registry
+from .db import Database, audit, tokens
 from .errors import InvalidInput, NotFound
 
 logger = logging.getLogger(__name__)
@@ -45,9 +45,9 @@ async def create_token(db: Database, *, name: str, role: Role, subject: Subject,
     secret = new_secret()
     expires_at = dt.datetime.now(dt.timezone.utc) + expires_in if expires_in else None
     async with db.transaction() as conn:
-        row = await registry.insert_token(conn, name=name, role=role.value, token_sha256=secret_sha256(secret),
+        row = await tokens.insert_token(conn, name=name, role=role.value, token_sha256=secret_sha256(secret),
                                           node_id=node_id, expires_at=expires_at, by=str(subject))
-        await registry.audit(conn, subject, "api_token.create", "api_token", name,
+        await audit.audit(conn, subject, "api_token.create", "api_token", name,
                              details={"role": role.value, "expires_at": expires_at.isoformat() if expires_at else None})
     logger.info("token %s created with role %s by %s", name, role.value, subject)
     return secret, row
@@ -55,14 +55,14 @@ async def create_token(db: Database, *, name: str, role: Role, subject: Subject,
 
 async def revoke_token(db: Database, name: str, subject: Subject) -> dict:
     async with db.transaction() as conn:
-        row = await registry.revoke_token(conn, name)
+        row = await tokens.revoke_token(conn, name)
         if row is None:
             raise NotFound(f"no token named {name!r}")
-        await registry.audit(conn, subject, "api_token.revoke", "api_token", name)
+        await audit.audit(conn, subject, "api_token.revoke", "api_token", name)
     logger.info("token %s revoked by %s", name, subject)
     return row
 
 
 async def list_tokens(db: Database) -> list[dict]:
     async with db.connection() as conn:
-        return await registry.list_tokens(conn)
+        return await tokens.list_tokens(conn)

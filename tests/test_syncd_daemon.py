@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from modelcache.db import registry
+from modelcache.db import models
 from modelcache.syncd.daemon import SyncDaemon
 from conftest import gguf_bytes, safetensors_bytes
 
@@ -249,9 +249,9 @@ async def test_a_folder_with_modelcache_json_is_imported_as_named(start_daemon, 
 
 async def test_a_sidecar_names_the_artifact_and_no_key_someone_set_is_overwritten(start_daemon, db):
     async with db.transaction() as conn:  # an operator already described this version
-        model_id = await registry.upsert_model(conn, "chat", "acme", "token:ops")
-        version_id = await registry.upsert_version(conn, model_id, "3")
-        await registry.merge_version_metadata(conn, version_id, {"architecture": "as the operator said"}, None)
+        model_id = await models.upsert_model(conn, "chat", "acme", "token:ops")
+        version_id = await models.upsert_version(conn, model_id, "3")
+        await models.merge_version_metadata(conn, version_id, {"architecture": "as the operator said"}, None)
     daemon = await start_daemon()
     path = daemon.import_dir / "whatever-name.gguf"
     drop(path.with_name(path.name + ".json"), json.dumps({

@@ -23,13 +23,13 @@ def db() -> None:
 @_host_options(with_listen=False)
 def db_migrate(settings: Settings) -> None:
     """Bring the database schema up to date."""
-    from ..db import registry
+    from ..db import audit
     from ..db.migrate import migrate
 
     async def work(db):
         applied = await migrate(db)
         async with db.connection() as conn:
-            await registry.audit(conn, Subject.local(), "schema.migrate", "schema", None,
+            await audit.audit(conn, Subject.local(), "schema.migrate", "schema", None,
                                  outcome="applied" if applied else "unchanged",
                                  details={"applied": [f"{m.version:04d}_{m.name}" for m in applied]})
         return applied

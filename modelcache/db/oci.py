@@ -17,7 +17,7 @@ from ..digest import Digest
 from ..formats import DOCKER_MANIFEST_V2
 from ..formats.ollama import OCI_MANIFEST
 from ..store import Blob
-from . import registry
+from . import blobs
 from .pool import Connection
 
 OCI_TYPES = ["ollama", "gguf"]
@@ -107,7 +107,7 @@ async def save_synthesised(conn: Connection, artifact_id: uuid.UUID,
     for path, blob, media_type in files:
         if not path.startswith(SYNTHESISED_PREFIX):
             raise ValueError(f"{path} is not a synthesised file")
-        await registry.record_blob(conn, blob.digest, blob.size, blob.xxh3)
+        await blobs.record_blob(conn, blob.digest, blob.size, blob.xxh3)
         cur = await conn.execute(
             """
             INSERT INTO artifact_files (artifact_id, path, blob_digest, size_bytes, media_type)

@@ -12,6 +12,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import psycopg
 import psycopg.errors
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -132,7 +133,7 @@ class Database:
             try:
                 async with conn:
                     for channel in channels:
-                        await conn.execute(f"LISTEN {channel}")  # channels are our constants
+                        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     await on_connect()
                     while not stop.is_set():
                         async for note in conn.notifies(timeout=0.5):

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..auth import Role
-from ..db import Database, registry
+from ..db import Database, blobs, tokens
 from ..digest import Digest
 from ..errors import DatabaseUnavailable
 
@@ -110,14 +110,14 @@ class Catalog:
 
     async def _reload_blobs(self) -> None:
         async with self._db.connection() as conn:
-            rows = await registry.blob_index_rows(conn)
+            rows = await blobs.blob_index_rows(conn)
         self.blobs = {Digest.parse(r["digest"]): _blob_entry(r) for r in rows}
         await self._tell_followers(None)
 
     async def refresh(self, digests: list[str]) -> None:
         """Read these blobs' entries from the registry now (a notification will say the same later)."""
         async with self._db.connection() as conn:
-            rows = await registry.blob_index_rows(conn, digests)
+            rows = await blobs.blob_index_rows(conn, digests)
         found = {r["digest"]: r for r in rows}
         for text in digests:
             digest = Digest.parse(text)
@@ -128,7 +128,7 @@ class Catalog:
 
     async def _reload_tokens(self) -> None:
         async with self._db.connection() as conn:
-            rows = await registry.live_tokens(conn)
+            rows = await tokens.live_tokens(conn)
         self.tokens = {
             r["token_sha256"]: TokenEntry(r["name"], Role(r["role"]), str(r["node_id"]) if r["node_id"] else None,
                                           r["expires_at"])
@@ -182,7 +182,7 @@ class Catalog:
             return
         try:
             async with self._db.connection() as conn:
-                await registry.touch_blobs(conn, accessed)
+                await blobs.touch_blobs(conn, accessed)
         except DatabaseUnavailable:
             for digest, at in accessed.items():  # keep them for the next flush
                 self._accessed.setdefault(digest, at)

@@ -17,7 +17,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from .. import preferences
-from ..db import management
+from ..db import artifacts, audit, blobs
 from ..errors import DatabaseUnavailable
 from .keys import CATALOG, DATABASE, METRICS
 
@@ -58,10 +58,10 @@ class Metrics:
             db = app[DATABASE]
             prefs = await preferences.effective(db)
             async with db.connection(timeout=1) as conn:
-                used = await management.cache_usage(conn)
-                by_state = await management.counts_by_state(conn)
-                events = await management.event_counts(conn)
-                downloaded = await management.download_bytes(conn)
+                used = await blobs.cache_usage(conn)
+                by_state = await artifacts.counts_by_state(conn)
+                events = await audit.event_counts(conn)
+                downloaded = await audit.download_bytes(conn)
         except DatabaseUnavailable as exc:
             logger.debug("metrics from the registry unavailable: %s", exc.detail)
             return

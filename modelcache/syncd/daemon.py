@@ -33,7 +33,7 @@ from watchfiles import Change, awatch
 
 from ..auth import SYNCD
 from ..config import Settings
-from ..db import registry
+from ..db import audit
 from ..db.pool import Database
 from ..errors import Conflict, DatabaseUnavailable, InvalidInput, ModelcacheError, NotFound, SourceChanged
 from ..importer import ImportResult, import_path
@@ -270,7 +270,7 @@ class SyncDaemon:
         """A failure before the import road (a bad name or sidecar): audited here, then like any failure."""
         try:
             async with self.db.connection() as conn:
-                await registry.audit(conn, SYNCD, "model_artifact.import", "model_artifact", None,
+                await audit.audit(conn, SYNCD, "model_artifact.import", "model_artifact", None,
                                      outcome="failed", reason=exc.detail, details={"path": str(c.path)})
         except ModelcacheError as audit_exc:
             logger.error("could not audit the failed import of %s: %s", c.path, audit_exc.detail)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, StrictInt
 
 from ... import preferences, tokens
 from ...auth import Role
-from ...db import management
+from ...db import audit
 from .api import ADMINS, ALL_ROLES, MANAGERS, Call, Query, Strict, endpoint
 
 READERS = ALL_ROLES - {Role.NODE}
@@ -148,7 +148,7 @@ class AuditPage(BaseModel):
 async def list_audit(call: Call) -> AuditPage:
     q: AuditQuery = call.query
     async with call.db.connection() as conn:
-        rows, cursor = await management.audit_page(conn, action=q.action, subject=q.subject, resource=q.resource,
+        rows, cursor = await audit.audit_page(conn, action=q.action, subject=q.subject, resource=q.resource,
                                                    decision=q.decision, since=q.since, until=q.until,
                                                    limit=q.limit, cursor=q.cursor)
     return AuditPage(events=[AuditEvent(**r) for r in rows], next_cursor=cursor)

@@ -20,7 +20,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ...auth import Role, Subject
-from ...db import registry
+from ...db import audit
 from ...errors import DatabaseUnavailable, Forbidden, InvalidInput, ModelcacheError, Unauthorized
 from ..auth import authenticate
 from ..keys import DATABASE
@@ -186,7 +186,7 @@ def _dumps(value: Any) -> str:
 async def _audit_denial(request: web.Request, subject: Subject, ep: Endpoint, reason: str) -> None:
     try:
         async with request.app[DATABASE].connection() as conn:
-            await registry.audit(conn, subject, ep.action, ep.tags[0], request.path, decision="deny",
+            await audit.audit(conn, subject, ep.action, ep.tags[0], request.path, decision="deny",
                                  outcome="denied", reason=reason)
     except DatabaseUnavailable as exc:
         logger.error("could not audit a denied %s by %s: %s", ep.action, subject, exc.detail)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, StrictBool
 
 from ... import artifacts, scrub
 from ...auth import Role
-from ...db import management, registry
+from ...db import artifacts as artifact_rows, audit, models
 from ...errors import NotFound
 from .api import ALL_ROLES, MANAGERS, Call, Query, Strict, endpoint
 from ..keys import STORE
@@ -140,7 +140,7 @@ class ModelQuery(Paging):
 async def list_models(call: Call) -> ModelPage:
     q = call.query
     async with call.db.connection() as conn:
-        rows, cursor = await management.list_models(conn, name=q.name, vendor=q.vendor, limit=q.limit,
+        rows, cursor = await models.list_models(conn, name=q.name, vendor=q.vendor, limit=q.limit,
                                                     cursor=q.cursor)
     return ModelPage(models=[ModelOut(**r) for r in rows], next_cursor=cursor)
 
@@ -149,7 +149,7 @@ async def list_models(call: Call) -> ModelPage:
           response=ModelOut)
 async def get_model(call: Call) -> ModelOut:
     async with call.db.connection() as conn:
-        row = await management.get_model(conn, _uuid(call, "model_id"))
+        row = await models.get_model(conn, _uuid(call, "model_id"))
     if row is None:
         raise NotFound(f"no model {call.param('model_id')}")
     return ModelOut(**row)
@@ -188,7 +188,7 @@ class VersionQuery(Paging):
 async def list_versions(call: Call) -> VersionPage:
     q = call.query
     async with call.db.connection() as conn:
-        rows, cursor = await management.list_versions(
+        rows, cursor = await models.list_versions(
             conn, model_id=q.model_id, model=q.model, vendor=q.vendor, version=q.version,
             requires=q.requirements(), promoted_only=q.promoted_only, limit=q.limit, cursor=q.cursor)
     return VersionPage(versions=[version_out(r) for r in rows], next_cursor=cursor)
@@ -198,7 +198,7 @@ async def list_versions(call: Call) -> VersionPage:
           action="model_version.get", response=VersionOut)
 async def get_version(call: Call) -> VersionOut:
     async with call.db.connection() as conn:
-        row = await management.get_version(conn, _uuid(call, "version_id"))
+        row = await models.get_version(conn, _uuid(call, "version_id"))
     if row is None:
         raise NotFound(f"no version {call.param('version_id')}")
     return version_out(row)
@@ -218,12 +218,12 @@ async def patch_version(call: Call) -> VersionOut:
     body: VersionPatch = call.body
     version_id = _uuid(call, "version_id")
     async with call.db.transaction() as conn:
-        if await management.patch_version(conn, version_id, body.capabilities, body.default_parameters,
+        if await models.patch_version(conn, version_id, body.capabilities, body.default_parameters,
                                           body.clear_default_parameters) is None:
             raise NotFound(f"no version {version_id}")
-        await registry.audit(conn, call.subject, "model_version.update", "model_version", str(version_id),
+        await audit.audit(conn, call.subject, "model_version.update", "model_version", str(version_id),
                              reason=body.reason, details=body.model_dump(exclude={"reason"}, exclude_none=True))
-        row = await management.get_version(conn, version_id)
+        row = await models.get_version(conn, version_id)
     return version_out(row)
 
 
@@ -249,8 +249,8 @@ async def list_artifacts(call: Call) -> ArtifactPage:
                "artifact_type": q.type, "state": q.state, "sha256": q.digest[7:] if q.digest else None,
                "pinned": q.pinned}
     async with call.db.connection() as conn:
-        rows, cursor = await management.list_artifacts(conn, filters=filters, limit=q.limit, cursor=q.cursor)
-        files = await management.artifact_files(conn, [r["id"] for r in rows])
+        rows, cursor = await artifact_rows.list_artifacts(conn, filters=filters, limit=q.limit, cursor=q.cursor)
+        files = await artifact_rows.artifact_files(conn, [r["id"] for r in rows])
     for row in rows:
         row["files"] = files[row["id"]]
     return ArtifactPage(artifacts=[artifact_out(r) for r in rows], next_cursor=cursor)
