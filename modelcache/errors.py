@@ -88,3 +88,23 @@ class SchemaTooNew(ModelcacheError):
     """The database was migrated by a newer modelcache than this one."""
 
     title = "Database schema is newer than this modelcache"
+
+
+class MigrationChanged(ModelcacheError):
+    """An applied migration's recorded checksum differs from the file this modelcache ships.
+
+    Applied migrations are never edited: a database that already ran the old
+    text never sees the edit. ``shipped`` is None when the file is gone.
+    """
+
+    title = "An applied migration differs from the shipped file"
+
+    def __init__(self, migration: str, recorded: str, shipped: str | None) -> None:
+        found = f"shipped file has sha256 {shipped}" if shipped else "no such file is shipped"
+        super().__init__(
+            f"migration {migration} was applied with sha256 {recorded}, but {found}: applied migrations are "
+            "never edited; restore the file and make the change in a new numbered migration"
+        )
+        self.migration = migration
+        self.recorded = recorded
+        self.shipped = shipped

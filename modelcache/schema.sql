@@ -7,7 +7,10 @@
 CREATE TABLE schema_migrations (
     version integer PRIMARY KEY,
     name text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    -- sha256 of the migration file's bytes: start-up refuses a database whose
+    -- applied migrations differ from the shipped files (db/migrate.py)
+    checksum text NOT NULL CHECK (checksum ~ '^[0-9a-f]{64}$')
 );
 
 CREATE TABLE models (

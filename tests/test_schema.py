@@ -1,14 +1,28 @@
 """The schema: schema.sql and the migrations agree; versions are enforced; the CLI reports them."""
 
+import hashlib
+from pathlib import Path
+
 import psycopg
 import pytest
 
+import modelcache
 from conftest import run_cli
 from modelcache.db import Database
 from modelcache.db.migrate import migrate, migrations, status
-from modelcache.errors import SchemaTooNew
+from modelcache.errors import MigrationChanged, SchemaTooNew
 
 pytestmark = pytest.mark.registry
+
+MIGRATIONS = Path(modelcache.__file__).parent / "migrations"
+
+# What the first release's runner created before applying 0001 (db/migrate.py at release).
+RELEASED_BOOKKEEPING = """
+CREATE TABLE schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
 
 INTROSPECT = {
     "columns": """SELECT table_name, column_name, data_type, is_nullable, column_default
@@ -26,19 +40,58 @@ def describe(dsn: str) -> dict:
         return {name: sorted(conn.execute(sql).fetchall(), key=repr) for name, sql in INTROSPECT.items()}
 
 
+def assert_same_schema(expected_dsn: str, actual_dsn: str, road: str) -> dict:
+    a, b = describe(expected_dsn), describe(actual_dsn)
+    for part in INTROSPECT:
+        assert a[part] == b[part], f"schema.sql and {road} differ in {part}"
+    return a
+
+
+def shipped_checksums() -> list[tuple[int, str, str]]:
+    """(version, name, sha256 of the bytes) of every migration file in the package."""
+    found = []
+    for path in sorted(MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        version, name = path.stem.split("_", 1)
+        found.append((int(version), name, hashlib.sha256(path.read_bytes()).hexdigest()))
+    return found
+
+
+def recorded_checksums(dsn: str) -> list[tuple[int, str, str]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT version, name, checksum FROM schema_migrations ORDER BY version").fetchall()
+
+
+def blob_notifications(dsn: str, statement: str, params: tuple) -> list[str]:
+    """Payloads on modelcache_blobs caused by one statement (a marker notification ends the wait)."""
+    with psycopg.connect(dsn, autocommit=True) as listener, psycopg.connect(dsn, autocommit=True) as writer:
+        listener.execute("LISTEN modelcache_blobs")
+        writer.execute(statement, params)
+        writer.execute("SELECT pg_notify('modelcache_blobs', 'end of test statement')")
+        seen = []
+        for note in listener.notifies(timeout=10):
+            if note.payload == "end of test statement":
+                return seen
+            seen.append(note.payload)
+    raise AssertionError(f"the marker notification never arrived; saw {seen}")
+
+
+async def migrate_dsn(dsn: str, **kw) -> list:
+    db = Database(dsn)
+    await db.open()
+    try:
+        applied = await migrate(db, **kw)
+        assert (await status(db)).up_to_date
+        return applied
+    finally:
+        await db.close()
+
+
 async def test_schema_sql_and_migrations_build_the_same_database(make_database):
     from_schema, from_migrations = make_database(empty=True), make_database(empty=True)
     for dsn, fresh in ((from_schema, True), (from_migrations, False)):
-        db = Database(dsn)
-        await db.open()
-        try:
-            await migrate(db, fresh_from_schema=fresh)
-            assert (await status(db)).up_to_date
-        finally:
-            await db.close()
-    a, b = describe(from_schema), describe(from_migrations)
-    for part in INTROSPECT:
-        assert a[part] == b[part], f"schema.sql and migrations differ in {part}"
+        await migrate_dsn(dsn, fresh_from_schema=fresh)
+    a = assert_same_schema(from_schema, from_migrations, "migrations")
+    assert recorded_checksums(from_schema) == recorded_checksums(from_migrations) == shipped_checksums()
     tables = {row[0] for row in a["columns"]}
     assert {"models", "model_versions", "model_artifacts", "node_model_availability", "blobs", "artifact_files",
             "preference_entries", "preference_audit_log", "model_audit_log", "model_downloads", "api_tokens",
@@ -72,7 +125,8 @@ def test_spec_tables_keep_the_spec_columns_and_constraints(dsn):
 async def test_a_database_newer_than_the_code_is_refused(dsn):
     latest = migrations()[-1].version
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, 'from_the_future')", (latest + 1,))
+        conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, 'from_the_future', %s)",
+                     (latest + 1, "0" * 64))
     db = Database(dsn)
     await db.open()
     try:
@@ -87,16 +141,17 @@ async def test_a_database_newer_than_the_code_is_refused(dsn):
 
 def test_db_status_and_migrate_cli(make_database):
     dsn = make_database(empty=True)
+    latest = migrations()[-1].version
     done = run_cli("db", "status", "--dsn", dsn)
     assert done.returncode == 0, done.stderr
-    assert "database: empty" in done.stdout and "pending: 1" in done.stdout
+    assert "database: empty" in done.stdout and f"pending: {latest}" in done.stdout
     done = run_cli("db", "migrate", "--dsn", dsn)
     assert done.returncode == 0, done.stderr
-    assert "applied 0001_initial" in done.stdout
+    assert "applied 0001_initial" in done.stdout and "applied 0002_blob_notify_and_checksums" in done.stdout
     done = run_cli("db", "migrate", "--dsn", dsn)
     assert "schema is up to date" in done.stdout
     done = run_cli("db", "status", "--dsn", dsn)
-    assert "database: 1; code: 1; pending: 0" in done.stdout
+    assert f"database: {latest}; code: {latest}; pending: 0" in done.stdout
     with psycopg.connect(dsn) as conn:
         rows = conn.execute("SELECT subject_type, action, outcome FROM model_audit_log ORDER BY created_at").fetchall()
     assert rows == [("local", "schema.migrate", "applied"), ("local", "schema.migrate", "unchanged")]
@@ -107,3 +162,70 @@ def test_unreachable_database_is_one_clear_line(tmp_path):
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("modelcache: error:") and "127.0.0.1:1" in last
+
+
+async def test_a_database_from_the_first_release_upgrades_to_schema_sql(make_database):
+    # A database at version 1, migrated by the first release: its runner's bookkeeping table, 0001 as
+    # released (0002 pins its checksum, checked below), and rows that the changed trigger concerns.
+    old = make_database(empty=True)
+    digest = "sha256:" + "ab" * 32
+    with psycopg.connect(old) as conn:
+        conn.execute(RELEASED_BOOKKEEPING)
+        conn.execute((MIGRATIONS / "0001_initial.sql").read_text())
+        conn.execute("INSERT INTO schema_migrations (version, name) VALUES (1, 'initial')")
+        conn.execute("INSERT INTO blobs (digest, size_bytes, xxh3_128) VALUES (%s, 2048, %s)", (digest, "cd" * 16))
+        model = conn.execute("INSERT INTO models (name, updated_by) VALUES ('tiny', 'test') RETURNING id").fetchone()
+        version = conn.execute("INSERT INTO model_versions (model_id, version) VALUES (%s, '1') RETURNING id",
+                               model).fetchone()
+        artifact = conn.execute(
+            """INSERT INTO model_artifacts (model_version_id, artifact_type, sha256, size_bytes, cache_path,
+                                            state, updated_by)
+               VALUES (%s, 'gguf', %s, 2048, 'tiny.gguf', 'promoted', 'test') RETURNING id""",
+            (version[0], digest.removeprefix("sha256:"))).fetchone()
+        conn.execute("""INSERT INTO artifact_files (artifact_id, path, blob_digest, size_bytes, media_type)
+                        VALUES (%s, 'tiny.gguf', %s, 2048, 'application/octet-stream')""", (artifact[0], digest))
+    touch = ("UPDATE blobs SET last_accessed_at = now() WHERE digest = %s", (digest,))
+    assert blob_notifications(old, *touch) == [digest], "the released trigger notified on every access time"
+
+    applied = await migrate_dsn(old)
+
+    assert [m.version for m in applied] == [m.version for m in migrations() if m.version > 1]
+    assert_same_schema(make_database(), old, "an upgraded first-release database")
+    assert recorded_checksums(old) == shipped_checksums()
+    # 0002's trigger on the rows written under 0001: access times are quiet, state changes are heard.
+    assert blob_notifications(old, *touch) == []
+    assert blob_notifications(old, "UPDATE blobs SET state = 'quarantined' WHERE digest = %s", (digest,)) == [digest]
+    assert blob_notifications(old, "UPDATE model_artifacts SET state = 'evicted' WHERE id = %s",
+                              (artifact[0],)) == [digest]
+
+
+async def test_an_edited_applied_migration_refuses_to_start(dsn):
+    shipped = hashlib.sha256((MIGRATIONS / "0001_initial.sql").read_bytes()).hexdigest()
+    recorded = hashlib.sha256(b"0001 as some earlier build shipped it").hexdigest()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE schema_migrations SET checksum = %s WHERE version = 1", (recorded,))
+    db = Database(dsn)
+    await db.open()
+    try:
+        with pytest.raises(MigrationChanged, match="0001_initial") as caught:
+            await migrate(db)
+        assert (caught.value.recorded, caught.value.shipped) == (recorded, shipped)
+        with pytest.raises(MigrationChanged):
+            await status(db)
+    finally:
+        await db.close()
+    for verb in (("db", "status"), ("db", "migrate"), ("serve", "--port", "0")):
+        done = run_cli(*verb, "--dsn", dsn)
+        assert done.returncode == 1, (verb, done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        if verb[0] == "db":  # serve may log its start-up first; the refusal is still its last line
+            assert len(lines) == 1, (verb, done.stderr)
+        assert lines[-1].startswith("modelcache: error: migration 0001_initial")
+        assert recorded in lines[-1] and shipped in lines[-1]
+
+
+def test_a_fresh_install_records_the_checksum_of_every_migration(dsn):
+    # dsn is built from schema.sql (the session template); every shipped migration is stamped.
+    recorded = recorded_checksums(dsn)
+    assert [v for v, _, _ in recorded] == [m.version for m in migrations()] and len(recorded) >= 2
+    assert recorded == shipped_checksums()

@@ -1,13 +1,20 @@
-"""Versioned schema: ``schema.sql`` installs a fresh database, ``migrations/NNNN_name.sql`` upgrade old ones."""
+"""Versioned schema: ``schema.sql`` installs a fresh database, ``migrations/NNNN_name.sql`` upgrade old ones.
+
+A migration is never edited once released: a database already past it would
+never see the edit. ``schema_migrations`` records the sha256 of each applied
+file, and every start-up (``migrate`` and ``status``) refuses a database whose
+record differs from the file shipped (:class:`MigrationChanged`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
 
-from ..errors import SchemaTooNew
+from ..errors import MigrationChanged, SchemaTooNew
 from .pool import Database
 
 logger = logging.getLogger(__name__)
@@ -21,6 +28,11 @@ class Migration:
     version: int
     name: str
     sql: str
+    checksum: str  # sha256 of the file's bytes, hex
+
+    @property
+    def label(self) -> str:
+        return f"{self.version:04d}_{self.name}"
 
 
 def migrations() -> list[Migration]:
@@ -28,7 +40,9 @@ def migrations() -> list[Migration]:
     for entry in resources.files("modelcache").joinpath("migrations").iterdir():
         match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
         if match:
-            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text()))
+            data = entry.read_bytes()
+            found.append(Migration(int(match.group(1)), match.group(2), data.decode("utf-8"),
+                                   hashlib.sha256(data).hexdigest()))
     return sorted(found, key=lambda m: m.version)
 
 
@@ -65,7 +79,31 @@ async def _status(conn) -> SchemaStatus:
             f"database schema is at version {current}, this modelcache knows up to {latest}: "
             "upgrade modelcache before using this database"
         )
+    await _verify_checksums(conn, known)
     return SchemaStatus(current, latest, [m for m in known if m.version > current])
+
+
+async def _verify_checksums(conn, known: list[Migration]) -> None:
+    """Refuse a database whose applied migrations differ from the files shipped."""
+    if not await _records_checksums(conn):
+        return  # before 0002: nothing recorded yet; 0002 fills in 0001's released checksum
+    shipped = {m.version: m for m in known}
+    cur = await conn.execute("SELECT version, name, checksum FROM schema_migrations ORDER BY version")
+    for row in await cur.fetchall():
+        m = shipped.get(row["version"])
+        if m is None:
+            raise MigrationChanged(f"{row['version']:04d}_{row['name']}", row["checksum"], None)
+        if row["checksum"] != m.checksum:
+            raise MigrationChanged(m.label, row["checksum"], m.checksum)
+
+
+async def _records_checksums(conn) -> bool:
+    # The column arrives with migration 0002; a database at version 1 lacks it.
+    cur = await conn.execute(
+        """SELECT EXISTS (SELECT FROM pg_attribute
+                           WHERE attrelid = 'schema_migrations'::regclass
+                             AND attname = 'checksum' AND NOT attisdropped) AS present""")
+    return (await cur.fetchone())["present"]
 
 
 _BOOKKEEPING = """
@@ -102,11 +140,15 @@ async def migrate(db: Database, *, fresh_from_schema: bool = True) -> list[Migra
                 async with conn.transaction():
                     await conn.execute(m.sql)
                     await _stamp(conn, m)
-                logger.info("applied migration %04d_%s", m.version, m.name)
+                logger.info("applied migration %s (sha256 %s)", m.label, m.checksum)
             return state.pending
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
 
 
 async def _stamp(conn, m: Migration) -> None:
-    await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (m.version, m.name))
+    if await _records_checksums(conn):
+        await conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                           (m.version, m.name, m.checksum))
+    else:  # 0001 on the migrations road: 0002 adds the column and fills this row
+        await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (m.version, m.name))
