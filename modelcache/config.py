@@ -46,6 +46,14 @@ class DatabaseSettings:
     dsn: str = ""
     pool_min_size: int = 1
     pool_max_size: int = 8
+    # Seconds to open a new connection (psycopg's connect_timeout, at least 2).
+    connect_timeout: float = 5.0
+    # Seconds a caller waits for a free, working connection from the pool.
+    acquire_timeout: float = 5.0
+    # Seconds a statement may run (PostgreSQL's statement_timeout); a server that does not
+    # answer at all (frozen, unreachable) is given up one second later and the connection dropped.
+    # Migrations and LISTEN use their own connections without this bound.
+    statement_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,22 @@ def _float(lo: float) -> Callable[[Any], float]:
     return parse
 
 
+def _seconds(lo: float, hi: float) -> Callable[[Any], float]:
+    def parse(raw: Any) -> float:
+        expected = ValueError(f"expected seconds from {lo:g} to {hi:g}")
+        if isinstance(raw, bool):
+            raise expected
+        try:
+            value = float(raw)
+        except (ValueError, TypeError):
+            raise expected from None
+        if not lo <= value <= hi:
+            raise expected
+        return value
+
+    return parse
+
+
 def _bool(raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -184,7 +208,9 @@ _PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "trusted_networks": _networks,
     },
     "storage": {"data_dir": _path, "import_dir": _optional_path, "scrub_interval": _float(0)},
-    "database": {"dsn": _str, "pool_min_size": _int(1, 100), "pool_max_size": _int(1, 100)},
+    "database": {"dsn": _str, "pool_min_size": _int(1, 100), "pool_max_size": _int(1, 100),
+                 "connect_timeout": _seconds(2, 3600), "acquire_timeout": _seconds(0.1, 3600),
+                 "statement_timeout": _seconds(0.1, 86400)},
     "syncd": {"settle_seconds": _float(0), "workers": _int(1, 64), "force_polling": _bool},
     "log": {"format": _choice("text", "json"), "level": _choice("debug", "info", "warning", "error")},
 }

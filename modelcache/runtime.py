@@ -31,7 +31,7 @@ async def open_database(settings: Settings, wait: float = 30) -> AsyncIterator[D
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         embedded = EmbeddedPostgres(settings.data_dir / "pg")
         dsn = await asyncio.to_thread(embedded.start)
-    db = Database(dsn, settings.database.pool_min_size, settings.database.pool_max_size)
+    db = Database(dsn, settings.database)
     try:
         await db.open(timeout=wait)
         yield db

@@ -121,9 +121,11 @@ async def migrate(db: Database, *, fresh_from_schema: bool = True) -> list[Migra
     version (or, with ``fresh_from_schema=False``, every migration in turn:
     the equivalence test uses that road). An older database gets each pending
     migration in its own transaction; a newer one is refused with
-    :class:`SchemaTooNew`.
+    :class:`SchemaTooNew`. It runs on a connection of its own: waiting for
+    another process's migration and a long migration must not be cut by the
+    pool's statement timeout.
     """
-    async with db.connection() as conn:
+    async with db.dedicated_connection() as conn:
         await conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
             state = await _status(conn)
