@@ -15,6 +15,7 @@ from .auth import Subject
 from .db import Database, artifacts, audit, blobs
 from .digest import Digest
 from .errors import Conflict, NotFound
+from .manifests import derive_quietly
 from .store import BlobStore
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ async def promote(db: Database, store: BlobStore, ref: str, subject: Subject) ->
         await _audit(db, subject, "model_artifact.promote", artifact, outcome="refused", reason=reason)
         raise Conflict(f"cannot promote artifact {artifact['id']}: {reason}")
     await _change(db, subject, "model_artifact.promote", artifact, state="promoted")
+    await derive_quietly(db, store, artifact["id"])  # /v2's manifests, if an earlier attempt failed
     logger.info("promoted artifact %s (sha256:%s) by %s", artifact["id"], artifact["sha256"], subject)
     return await load(db, str(artifact["id"]))
 

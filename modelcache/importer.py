@@ -25,6 +25,7 @@ from .digest import Digest
 from .errors import ChecksumError, ImportRejected, InvalidInput, ModelcacheError, NotFound, SourceChanged
 from .formats import DOCKER_MANIFEST_V2, detect_type, parse_artifact_type, sniff_file
 from .hashing import CHUNK
+from .manifests import derive_quietly
 from .metadata import read_capabilities
 from .names import parse_model_name, parse_vendor, parse_version
 from .formats.ollama import (DEFAULT_NAMESPACE, MAX_MANIFEST_BYTES, Descriptor, Manifest, ModelName, ModelsDir,
@@ -143,6 +144,7 @@ async def _audited(db: Database, store: BlobStore, req: ImportRequest, subject: 
         logger.warning("import failed: %s%s", where, exc.detail)
         await _audit_failure(db, req, subject, exc)
         raise
+    await derive_quietly(db, store, artifact["id"])  # /v2's manifests are made here, not on a pull
     if req.move:
         await asyncio.to_thread(_remove_source, req.path, [path for path, _ in ingested.files])
     result = ImportResult(

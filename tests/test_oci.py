@@ -197,11 +197,25 @@ async def test_accept_negotiates_docker_v2_or_oci(server, http, make_token, tiny
     status, _, raw = await manifest(http, server, "meta/tinyllama", "1b", bearer(token),
                                     accept="application/vnd.oci.image.index.v1+json")
     assert status == 404 and json.loads(raw)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
-    # by digest, each representation is served as stored, if acceptable
-    status, headers, raw = await manifest(http, server, "meta/tinyllama", sha256(oci), bearer(token), accept=OCI)
-    assert status == 200 and raw == oci and headers["Content-Type"] == OCI
-    status, _, _ = await manifest(http, server, "meta/tinyllama", sha256(oci), bearer(token), accept=DOCKER)
-    assert status == 404
+    # by digest, each representation is served as stored, with its own media type, whatever Accept says
+    for accept in (OCI, DOCKER, "application/vnd.oci.image.index.v1+json"):
+        status, headers, raw = await manifest(http, server, "meta/tinyllama", sha256(oci), bearer(token),
+                                              accept=accept)
+        assert status == 200 and raw == oci and headers["Content-Type"] == OCI, accept
+
+
+async def test_by_digest_the_docker_manifest_is_served_to_an_oci_only_accept(server, http, make_token, tinyllama):
+    """What the OCI conformance suite's pull tests do: a digest names those bytes, whatever Accept says."""
+    token = await make_token("node")
+    _, headers, docker = await manifest(http, server, "meta/tinyllama", "1b", bearer(token), accept=DOCKER)
+    digest = headers["Docker-Content-Digest"]
+    status, headers, raw = await manifest(http, server, "meta/tinyllama", digest, bearer(token), accept=OCI)
+    assert status == 200 and raw == docker
+    assert headers["Content-Type"] == DOCKER and headers["Docker-Content-Digest"] == digest == sha256(raw)
+    async with http.head(server.make_url(f"/v2/meta/tinyllama/manifests/{digest}"),
+                         headers={**bearer(token), "Accept": OCI}) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == DOCKER
+        assert r.headers["Docker-Content-Digest"] == digest and int(r.headers["Content-Length"]) == len(docker)
 
 
 @pytest.mark.parametrize("path,status,code", [
@@ -299,15 +313,33 @@ async def test_staged_models_are_for_admins_and_operators_only(server, http, db,
         assert r.status == 404 and (await errors_of(r))[0]["code"] == "NAME_UNKNOWN"
 
 
-async def test_changed_metadata_gives_a_new_manifest(server, http, db, make_token, tinyllama):
-    token = await make_token("node")
+async def made_files(db) -> dict[str, str]:
+    async with db.connection() as conn:
+        cur = await conn.execute("SELECT path, blob_digest FROM artifact_files WHERE starts_with(path, '.ollama/')")
+        return {r["path"]: r["blob_digest"] for r in await cur.fetchall()}
+
+
+async def test_a_capability_patch_makes_the_new_manifest_before_any_pull(server, http, db, make_token, tinyllama):
+    token, admin = await make_token("node"), await make_token("admin")
     _, headers, before = await manifest(http, server, "meta/tinyllama", "1b", bearer(token))
     async with db.connection() as conn:
-        await conn.execute("UPDATE model_versions SET default_parameters = '{\"temperature\": 0.2}'")
+        version_id = (await (await conn.execute("SELECT id FROM model_versions")).fetchone())["id"]
+    async with http.patch(server.make_url(f"/v1/versions/{version_id}"), headers=bearer(admin),
+                          json={"default_parameters": {"temperature": 0.2, "stop": None},
+                                "capabilities": {"architecture": "qwen2"}}) as r:
+        assert r.status == 200, await r.text()
+    # made as the PATCH answered, not by a GET: the rows already name the new manifest and config
+    made = await made_files(db)
+    assert made[".ollama/params.json"] == sha256(b'{"temperature":0.2}\n')
     _, headers2, after = await manifest(http, server, "meta/tinyllama", "1b", bearer(token))
-    assert after != before
-    params = [x for x in json.loads(after)["layers"] if x["mediaType"] == "application/vnd.ollama.image.params"]
+    assert after != before and sha256(after) == made[".ollama/docker-manifest.json"]
+    doc = json.loads(after)
+    params = [x for x in doc["layers"] if x["mediaType"] == "application/vnd.ollama.image.params"]
     assert params[0]["digest"] == sha256(b'{"temperature":0.2}\n')
+    assert doc["config"]["digest"] == made[".ollama/config.json"]
+    async with http.get(server.make_url(f"/v2/meta/tinyllama/blobs/{doc['config']['digest']}"),
+                        headers=bearer(token)) as r:
+        assert r.status == 200 and json.loads(await r.read())["model_family"] == "qwen2"
     status, _, _ = await manifest(http, server, "meta/tinyllama", headers["Docker-Content-Digest"], bearer(token))
     assert status == 404  # the old manifest is gone with the facts it was made from
     status, _, raw = await manifest(http, server, "meta/tinyllama", headers2["Docker-Content-Digest"], bearer(token))

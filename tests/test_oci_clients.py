@@ -13,16 +13,22 @@ the end a sha256 of every blob.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
+from typing import Iterator
 
+import psutil
+import psycopg
 import pytest
-from aiohttp import ClientSession
+from aiohttp import ClientSession, ClientTimeout
 
 from conftest import run_cli
 from modelcache.server.keys import CATALOG
@@ -328,3 +334,94 @@ async def test_without_location_or_signature_ollama_could_not_pull(start_server,
                          if d["mediaType"] == "application/vnd.ollama.image.model")
         async with http.get(f"{base}/v2/meta/tinyllama/blobs/{model['digest']}", headers={"Range": "bytes=0-99"}) as r:
             assert r.status == 401  # the unsigned URL, without credentials, is refused
+
+
+# -- /v2 while PostgreSQL is frozen -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def postgres_frozen(admin_dsn: str) -> Iterator[list[psutil.Process]]:
+    """SIGSTOP the test PostgreSQL's postmaster and every process under it (backends, walwriter, ...),
+    so any query hangs as it does when the database host stalls; SIGCONT whatever happens."""
+    if os.environ.get("MODELCACHE_TEST_DSN"):
+        pytest.skip("freezes the PostgreSQL the test session started; MODELCACHE_TEST_DSN names another")
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        data_dir = Path(conn.execute("SHOW data_directory").fetchone()[0])
+    postmaster = psutil.Process(int((data_dir / "postmaster.pid").read_text().split()[0]))
+    frozen: list[psutil.Process] = []
+    try:
+        postmaster.send_signal(signal.SIGSTOP)  # first: a stopped postmaster starts no new backend
+        frozen.append(postmaster)
+        for child in postmaster.children(recursive=True):
+            child.send_signal(signal.SIGSTOP)
+            frozen.append(child)
+        for _ in range(200):  # a signal is delivered when the process is next scheduled
+            running = [(p.pid, p.status()) for p in frozen  # a zombie: exited, the postmaster can't reap it
+                       if p.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE)]
+            if not running:
+                break
+            time.sleep(0.01)
+        assert not running, f"PostgreSQL processes not stopped: {running}"
+        yield frozen
+    finally:
+        for p in reversed(frozen):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+async def imported_gguf(make_file, make_artifact):
+    """A GGUF imported (its manifests made) as meta/tinyllama:1b before anything is frozen."""
+    content = gguf_bytes(n_floats=1 << 20)  # 4 MiB, pulled in 16 parts
+    await make_artifact(make_file(content=content, name="tinyllama.gguf"), model="tinyllama", version="1b",
+                        vendor="meta", inspect=True, capabilities={"chat_template": "{{ .Prompt }}"},
+                        default_parameters={"temperature": 0.7})
+    return content
+
+
+async def test_manifests_tags_and_catalog_run_no_sql(server, pg_admin_dsn, make_token, imported_gguf):
+    """With every PostgreSQL process stopped, a query would hang: each answer must come from memory."""
+    token = await make_token("node")
+    auth = {"Authorization": f"Bearer {token}"}
+    async with ClientSession(timeout=ClientTimeout(total=5)) as http:
+        async with http.get(server.make_url("/v2/meta/tinyllama/manifests/1b"), headers={**auth, "Accept": DOCKER}) as r:
+            docker = await r.read()
+        with postgres_frozen(pg_admin_dsn):
+            for accept, expected in ((DOCKER, DOCKER), (OCI, OCI)):
+                for method in ("GET", "HEAD"):
+                    async with http.request(method, server.make_url("/v2/meta/tinyllama/manifests/1b"),
+                                            headers={**auth, "Accept": accept}) as r:
+                        assert r.status == 200 and r.headers["Content-Type"] == expected, (method, accept)
+            async with http.get(server.make_url(f"/v2/meta/tinyllama/manifests/{sha256(docker)}"),
+                                headers={**auth, "Accept": OCI}) as r:
+                assert r.status == 200 and await r.read() == docker
+            async with http.get(server.make_url("/v2/meta/tinyllama/tags/list"), headers=auth) as r:
+                assert r.status == 200 and (await r.json())["tags"] == ["1b"]
+            async with http.get(server.make_url("/v2/_catalog"), headers=auth) as r:
+                assert r.status == 200 and (await r.json())["repositories"] == ["meta/tinyllama"]
+            async with http.get(server.make_url("/v2/meta/tinyllama/manifests/2b"), headers=auth) as r:
+                assert r.status == 404  # an unknown tag is known to be unknown without asking the database
+
+
+@needs_skopeo
+async def test_ollama_and_skopeo_pull_while_postgres_is_frozen(server, pg_admin_dsn, make_token, imported_gguf,
+                                                                tmp_path):
+    content = imported_gguf
+    token = await make_token("node")
+    base = f"{server.host}:{server.port}"
+    with postgres_frozen(pg_admin_dsn) as frozen:
+        assert len(frozen) > 2  # the postmaster and its backends
+        models = tmp_path / "ollama-models"
+        manifest = await asyncio.wait_for(
+            ollama_pull(f"http://{base}", "meta/tinyllama", "1b", models, token=token, min_part=len(content) // 16),
+            timeout=20)
+        [model] = [d for d in manifest["layers"] if d["mediaType"] == "application/vnd.ollama.image.model"]
+        assert (models / "blobs" / model["digest"].replace(":", "-")).read_bytes() == content
+        out = tmp_path / "skopeo"
+        done = await asyncio.to_thread(skopeo, "copy", f"docker://{base}/meta/tinyllama:1b", f"dir:{out}",
+                                       "--src-tls-verify=false", "--src-creds", f"x:{token}")
+        assert done.returncode == 0, done.stderr.decode()
+        copied = json.loads((out / "manifest.json").read_bytes())
+        assert copied["mediaType"] == OCI
+        assert [d["digest"] for d in copied["layers"]] == [d["digest"] for d in manifest["layers"]]
+        assert (out / model["digest"].split(":")[1]).read_bytes() == content

@@ -67,11 +67,13 @@ async def artifacts(db) -> list[dict]:
         return await cur.fetchall()
 
 
-async def artifact_files(db, artifact_id) -> list[tuple[str, str, int]]:
+async def artifact_files(db, artifact_id, made: bool = False) -> list[tuple[str, str, int]]:
+    """The files the import registered; ``made``: also those made for /v2 (``.ollama/``) after it."""
     async with db.connection() as conn:
         cur = await conn.execute(
-            "SELECT path, blob_digest, size_bytes FROM artifact_files WHERE artifact_id = %s ORDER BY path",
-            (artifact_id,))
+            "SELECT path, blob_digest, size_bytes FROM artifact_files WHERE artifact_id = %s "
+            "AND (%s OR NOT starts_with(path, '.ollama/')) ORDER BY path",
+            (artifact_id, made))
         return [(r["path"], r["blob_digest"], r["size_bytes"]) for r in await cur.fetchall()]
 
 
@@ -358,7 +360,9 @@ async def test_a_file_that_changes_while_it_is_hashed_is_imported_as_it_ends_up(
     expected.update(b"appended while it was being hashed")
     assert row["sha256"] == expected.hexdigest()
     assert sorted(e["outcome"] for e in await import_events(db)) == ["created", "failed"]
-    assert [p for p in daemon.store.blobs_dir.rglob("*") if p.is_file()] == [stored(daemon, row["sha256"])]
+    held = {stored(daemon, d[len("sha256:"):]) for _, d, _ in await artifact_files(db, row["id"], made=True)}
+    assert stored(daemon, row["sha256"]) in held
+    assert sorted(p for p in daemon.store.blobs_dir.rglob("*") if p.is_file()) == sorted(held)
     assert os.listdir(daemon.import_dir / ".failed") == []
 
 

@@ -55,6 +55,13 @@ def artifact_rows(dsn: str) -> list[tuple]:
         return conn.execute("SELECT sha256, size_bytes FROM model_artifacts").fetchall()
 
 
+def held_blobs(dsn: str, blobs_dir: Path) -> list[Path]:
+    """The blob files the registry lists (an import's, and those made for /v2 after it)."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT DISTINCT blob_digest FROM artifact_files").fetchall()
+    return sorted(blobs_dir / "sha256" / d[7:9] / d[7:] for (d,) in rows)
+
+
 def import_outcomes(dsn: str) -> list[str]:
     with psycopg.connect(dsn) as conn:
         rows = conn.execute("SELECT outcome FROM model_audit_log WHERE action = 'model_artifact.import'").fetchall()
@@ -111,7 +118,8 @@ def test_sigkill_mid_hash_leaves_no_partial_blob_and_the_file_is_imported_once_a
     assert artifact_rows(dsn) == [(hexdigest, size)]
     assert import_outcomes(dsn) == ["created"]
     blob = blobs_dir / "sha256" / hexdigest[:2] / hexdigest
-    assert files_under(blobs_dir) == [blob] and blob.stat().st_size == size
+    assert blob in held_blobs(dsn, blobs_dir) and blob.stat().st_size == size
+    assert files_under(blobs_dir) == held_blobs(dsn, blobs_dir)  # no other blob
     assert files_under(tmp_dir) == []  # the leftover temp file was removed at start
     assert files_under(data_dir / "import") == []
     assert "removed leftover temp file" in second.log.read_text()

@@ -1,11 +1,14 @@
-"""Queries of the OCI pull API (``/v2/``): repositories, tags, manifests, and the blobs made for them.
+"""Queries of the OCI pull API (``/v2/``): the rows its in-memory index loads, and the made manifests.
 
 A repository ``<namespace>/<model>`` is a model whose lower-cased name is
 ``<model>`` and whose lower-cased vendor is ``<namespace>`` (``library`` for
 none); its tags are the versions that have an ``ollama`` or ``gguf`` artifact.
-Files an artifact gains when its Ollama manifest is made (``.ollama/...``
-paths, which an import can never produce: imports skip hidden names) are
-written here, and only those.
+The manifests made for those artifacts (``modelcache/manifests.py``) and
+their blobs are the artifact's ``.ollama/...`` files (paths an import can
+never produce: imports skip hidden names), written here, and only those.
+The server keeps what these queries return in memory
+(``server/oci/index.py``): they run at start, after a reconnection, and for
+the models a change notification names, never per request.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import uuid
 from typing import Iterable
 
-from ..digest import Digest
 from ..formats import DOCKER_MANIFEST_V2
 from ..formats.ollama import OCI_MANIFEST
 from ..store import Blob
@@ -23,65 +25,100 @@ from .pool import Connection
 OCI_TYPES = ["ollama", "gguf"]
 MANIFEST_TYPES = [DOCKER_MANIFEST_V2, OCI_MANIFEST]
 SYNTHESISED_PREFIX = ".ollama/"
+DOCKER_PATH = ".ollama/docker-manifest.json"  # a gguf artifact's; an ollama artifact's is its own file
+OCI_PATH = ".ollama/oci-manifest.json"
+SERVABLE = ["promoted", "staged"]
 
 
-async def repository_models(conn: Connection, namespace: str, model: str) -> list[dict]:
-    """The models a repository name matches: one, none, or (names differing in case only) several."""
+async def oci_artifact(conn: Connection, artifact_id: uuid.UUID) -> dict | None:
+    """An artifact with its version's metadata (what its manifests are made from); None if gone."""
     cur = await conn.execute(
         """
-        SELECT id, name, vendor FROM models
-         WHERE lower(name) = %s AND coalesce(lower(vendor), 'library') = %s
-         ORDER BY created_at, id
-        """,
-        (model, namespace),
-    )
-    return await cur.fetchall()
-
-
-async def version_artifacts(conn: Connection, model_id: uuid.UUID, version: str) -> list[dict]:
-    """A version's ollama and gguf artifacts (any state), with the version's metadata."""
-    cur = await conn.execute(
-        """
-        SELECT a.id, a.artifact_type, a.sha256, a.size_bytes, a.state, a.created_at,
-               v.version, v.capabilities, v.default_parameters
+        SELECT a.id, a.artifact_type, a.sha256, a.state, v.capabilities, v.default_parameters
           FROM model_artifacts a JOIN model_versions v ON v.id = a.model_version_id
-         WHERE v.model_id = %s AND v.version = %s AND a.artifact_type = ANY(%s)
-         ORDER BY a.created_at DESC, a.id
+         WHERE a.id = %s
         """,
-        (model_id, version, OCI_TYPES),
+        (artifact_id,),
     )
+    return await cur.fetchone()
+
+
+async def version_oci_artifacts(conn: Connection, version_id: uuid.UUID) -> list[uuid.UUID]:
+    """A version's ollama and gguf artifacts, whose manifests its capabilities and parameters go into."""
+    cur = await conn.execute(
+        "SELECT id FROM model_artifacts WHERE model_version_id = %s AND artifact_type = ANY(%s) ORDER BY id",
+        (version_id, OCI_TYPES),
+    )
+    return [r["id"] for r in await cur.fetchall()]
+
+
+async def artifacts_lacking_manifests(conn: Connection) -> list[uuid.UUID]:
+    """Servable ollama and gguf artifacts without their made manifests, or with a made blob not present
+    (a database from before manifests were made at import, or one whose made blobs were evicted)."""
+    cur = await conn.execute(
+        """
+        SELECT a.id FROM model_artifacts a
+         WHERE a.artifact_type = ANY(%(types)s) AND a.state = ANY(%(servable)s)
+           AND (NOT EXISTS (SELECT 1 FROM artifact_files f WHERE f.artifact_id = a.id AND f.path = %(oci)s)
+                OR a.artifact_type = 'gguf'
+                   AND NOT EXISTS (SELECT 1 FROM artifact_files f WHERE f.artifact_id = a.id AND f.path = %(docker)s)
+                OR EXISTS (SELECT 1 FROM artifact_files f JOIN blobs b ON b.digest = f.blob_digest
+                            WHERE f.artifact_id = a.id AND starts_with(f.path, %(prefix)s)
+                              AND b.state <> 'present'))
+         ORDER BY a.created_at, a.id
+        """,
+        {"types": OCI_TYPES, "servable": SERVABLE, "oci": OCI_PATH, "docker": DOCKER_PATH,
+         "prefix": SYNTHESISED_PREFIX},
+    )
+    return [r["id"] for r in await cur.fetchall()]
+
+
+_INDEX_ROWS = """
+    SELECT m.id AS model_id, m.name, m.vendor, v.version, a.id AS artifact_id, a.artifact_type, a.sha256,
+           a.state, a.created_at, d.blob_digest AS docker_digest, o.blob_digest AS oci_digest
+      FROM models m
+      JOIN model_versions v ON v.model_id = m.id
+      JOIN model_artifacts a ON a.model_version_id = v.id
+      LEFT JOIN artifact_files d ON d.artifact_id = a.id AND d.path = %(docker)s
+      LEFT JOIN artifact_files o ON o.artifact_id = a.id AND o.path = %(oci)s
+     WHERE a.artifact_type = ANY(%(types)s)
+"""
+
+# a model's artifacts together, newest first
+_INDEX_ORDER = " ORDER BY m.id, a.created_at DESC, a.id"
+
+
+async def index_rows(conn: Connection) -> list[dict]:
+    """Every ollama and gguf artifact (any state), with its model, version and made manifests' digests."""
+    cur = await conn.execute(_INDEX_ROWS + _INDEX_ORDER, {"docker": DOCKER_PATH, "oci": OCI_PATH, "types": OCI_TYPES})
     return await cur.fetchall()
 
 
-async def manifest_artifacts(conn: Connection, model_id: uuid.UUID, digest: Digest) -> list[dict]:
-    """The model's artifacts holding a manifest (stored, or made for them) of ``digest``, with its media type.
-
-    An ``ollama`` artifact's own digest is its Docker v2 manifest's, whatever
-    its file is typed as (a manifest imported alone is ``application/json``).
-    """
+async def index_rows_holding(conn: Connection, digests: list[str]) -> list[dict]:
+    """The rows of :func:`index_rows` for the models with an ollama or gguf artifact holding any of these
+    blobs (a change to a blob, a file row or an artifact's state names its blobs)."""
     cur = await conn.execute(
+        _INDEX_ROWS
+        + """
+       AND m.id IN (SELECT v2.model_id
+                      FROM artifact_files f2
+                      JOIN model_artifacts a2 ON a2.id = f2.artifact_id
+                      JOIN model_versions v2 ON v2.id = a2.model_version_id
+                     WHERE f2.blob_digest = ANY(%(digests)s) AND a2.artifact_type = ANY(%(types)s))
         """
-        SELECT a.id, a.artifact_type, a.sha256, a.size_bytes, a.state, a.created_at,
-               v.version, v.capabilities, v.default_parameters,
-               CASE WHEN f.media_type = ANY(%(types)s) THEN f.media_type ELSE %(docker)s END AS media_type
-          FROM model_artifacts a
-          JOIN model_versions v ON v.id = a.model_version_id
-          JOIN artifact_files f ON f.artifact_id = a.id AND f.blob_digest = %(digest)s
-         WHERE v.model_id = %(model)s AND a.artifact_type = ANY(%(oci_types)s)
-           AND (f.media_type = ANY(%(types)s) OR a.artifact_type = 'ollama' AND a.sha256 = %(hex)s)
-         ORDER BY a.created_at DESC, a.id
-        """,
-        {"types": MANIFEST_TYPES, "docker": DOCKER_MANIFEST_V2, "digest": str(digest), "model": model_id,
-         "oci_types": OCI_TYPES, "hex": digest.hex},
+        + _INDEX_ORDER,
+        {"docker": DOCKER_PATH, "oci": OCI_PATH, "types": OCI_TYPES, "digests": digests},
     )
     return await cur.fetchall()
 
 
 async def artifact_files(conn: Connection, artifact_id: uuid.UUID) -> list[dict]:
+    """The artifact's files, with the state of each one's blob."""
     cur = await conn.execute(
         """
-        SELECT path, blob_digest, size_bytes, media_type FROM artifact_files
-         WHERE artifact_id = %s ORDER BY path
+        SELECT f.path, f.blob_digest, f.size_bytes, f.media_type, b.state AS blob_state
+          FROM artifact_files f LEFT JOIN blobs b ON b.digest = f.blob_digest
+         WHERE f.artifact_id = %s ORDER BY f.path
         """,
         (artifact_id,),
     )
@@ -129,29 +166,3 @@ async def save_synthesised(conn: Connection, artifact_id: uuid.UUID,
         (artifact_id, SYNTHESISED_PREFIX, [path for path, _, _ in files]),
     )
     return changed or cur.rowcount > 0
-
-
-async def tags(conn: Connection, model_id: uuid.UUID, states: list[str]) -> list[str]:
-    """Versions of the model with an ollama or gguf artifact in one of ``states``."""
-    cur = await conn.execute(
-        """
-        SELECT DISTINCT v.version FROM model_versions v JOIN model_artifacts a ON a.model_version_id = v.id
-         WHERE v.model_id = %s AND a.artifact_type = ANY(%s) AND a.state = ANY(%s)
-        """,
-        (model_id, OCI_TYPES, states),
-    )
-    return [r["version"] for r in await cur.fetchall()]
-
-
-async def repositories(conn: Connection, states: list[str]) -> list[dict]:
-    """Models with an ollama or gguf artifact in one of ``states``: their name and vendor."""
-    cur = await conn.execute(
-        """
-        SELECT DISTINCT m.name, m.vendor FROM models m
-          JOIN model_versions v ON v.model_id = m.id
-          JOIN model_artifacts a ON a.model_version_id = v.id
-         WHERE a.artifact_type = ANY(%s) AND a.state = ANY(%s)
-        """,
-        (OCI_TYPES, states),
-    )
-    return await cur.fetchall()

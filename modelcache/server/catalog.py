@@ -126,6 +126,13 @@ class Catalog:
             else:
                 self.blobs.pop(digest, None)
 
+    async def changed(self, digests: list[str]) -> None:
+        """Read these blobs now and update the followers: what a request just changed is served as it
+        answers (read-after-write), not when the notification arrives."""
+        if digests:
+            await self.refresh(digests)
+            await self._tell_followers(digests)
+
     async def _reload_tokens(self) -> None:
         async with self._db.connection() as conn:
             rows = await tokens.live_tokens(conn)

@@ -16,6 +16,7 @@ from .blobs.ranges import ByteRange
 
 if TYPE_CHECKING:  # these modules use the keys themselves
     from .hf.index import HfIndex
+    from .oci.index import OciIndex
     from .metrics import Metrics
     from .blobs.signing import UrlSigner
 
@@ -26,6 +27,7 @@ CATALOG = web.AppKey("catalog", Catalog)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 OPENAPI = web.AppKey("openapi", dict)
 HF_INDEX: web.AppKey[HfIndex] = web.AppKey("hf_index")
+OCI_INDEX: web.AppKey[OciIndex] = web.AppKey("oci_index")
 SIGNER: web.AppKey[UrlSigner] = web.AppKey("url_signer")
 
 # per request, for the access log

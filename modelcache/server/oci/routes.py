@@ -3,11 +3,14 @@
 Endpoints (``GET`` and ``HEAD``; anything else is 405 ``UNSUPPORTED``, this registry is pull-only):
 
     /v2/                               200 once authenticated: the API is here
-    /v2/<ns>/<model>/manifests/<ref>   a tag (a version) or a digest; Accept picks Docker v2 or OCI
+    /v2/<ns>/<model>/manifests/<ref>   a tag (a version): Accept picks Docker v2 or OCI; a digest: those bytes
     /v2/<ns>/<model>/blobs/<digest>    the blob, as /v1/blobs serves it, plus Ollama's Location
     /v2/<ns>/<model>/tags/list         ?n=&last= paging with Link
     /v2/_catalog                       the repositories, paged the same way
     /v2/token                          the Bearer realm: the token given as Basic password, back as a token
+
+Manifests, tags and the catalog are answered from memory (``index.py``): a
+GET writes nothing and waits on no database.
 
 Errors are OCI error bodies, ``{"errors": [{"code", "message", "detail"}]}``.
 
@@ -50,11 +53,11 @@ from ...auth import Subject
 from ...digest import Digest
 from ...errors import DatabaseUnavailable, Forbidden, InvalidInput, ModelcacheError, NotFound, Unauthorized
 from ...formats.ollama import OCI_MANIFEST
-from . import manifests
+from ...manifests import derive_missing
 from ..auth import authenticate, basic_password, token_subject
 from ..blobs.serve import send_blob, servable
-from ..keys import CATALOG, DIGEST, SETTINGS, SIGNER
-from .manifests import ManifestUnknown, Repository
+from ..keys import CATALOG, DATABASE, DIGEST, OCI_INDEX, SETTINGS, SIGNER, STORE
+from .index import ManifestUnknown, OciIndex, Repository, is_tag
 from ..blobs.signing import UrlSigner
 
 logger = logging.getLogger(__name__)
@@ -93,15 +96,26 @@ class UnknownEndpoint(NotFound):
 
 
 def setup(app: web.Application) -> None:
-    """Route ``/v2`` and everything under it here; load the URL-signing key at start."""
+    """Route ``/v2`` and everything under it here; load the URL-signing key and the index at start."""
     app[SIGNER] = UrlSigner(app[SETTINGS].data_dir)
+    app[OCI_INDEX] = OciIndex(app[DATABASE], app[STORE])
     app.cleanup_ctx.append(_signer_ctx)
+    app.cleanup_ctx.append(_index_ctx)
     app.router.add_route("*", "/v2", handle)
     app.router.add_route("*", "/v2/{tail:.*}", handle)
 
 
 async def _signer_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(app[SIGNER].load)
+    yield
+
+
+async def _index_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Make the manifests a database from before lacks (cheap when none do), then load the index."""
+    await derive_missing(app[DATABASE], app[STORE])
+    await app[OCI_INDEX].reload()
+    app[CATALOG].follow(app[OCI_INDEX].update)
+    logger.info("oci registry: %d models with Ollama or GGUF artifacts under /v2", len(app[OCI_INDEX].repos))
     yield
 
 
@@ -212,12 +226,12 @@ async def _manifest(request: web.Request, repo: Repository, reference: str) -> w
         digest = _parse_digest(reference)
         request[DIGEST] = digest
         subject = authenticate(request, basic=True)
-        served = await manifests.by_digest(request.app, repo, digest, subject, _chooser(request))
+        served = request.app[OCI_INDEX].by_digest(repo, digest, subject)  # those bytes, whatever Accept says
     else:
-        if not manifests.is_tag(reference):
+        if not is_tag(reference):
             raise ManifestUnknown(f"invalid tag {reference[:200]!r}: tags match [a-zA-Z0-9_][a-zA-Z0-9._-]{{0,127}}")
         subject = authenticate(request, basic=True)
-        served = await manifests.by_tag(request.app, repo, reference, subject, _chooser(request))
+        served = request.app[OCI_INDEX].by_tag(repo, reference, subject, _chooser(request))
         request[DIGEST] = served.digest
     headers = {**API_VERSION, "Content-Type": served.media_type, "Docker-Content-Digest": str(served.digest),
                "ETag": f'"{served.digest}"'}
@@ -333,7 +347,7 @@ def _direct_url(request: web.Request, digest: Digest, subject: Subject) -> str:
 async def _tags(request: web.Request, repo: Repository) -> web.Response:
     subject = authenticate(request, basic=True)
     n, last = _paging(request)
-    found = await manifests.tags(request.app, repo, subject)
+    found = request.app[OCI_INDEX].tags(repo, subject)
     page, more = _page(found, n, last)
     headers = dict(API_VERSION)
     if more:
@@ -344,7 +358,7 @@ async def _tags(request: web.Request, repo: Repository) -> web.Response:
 async def _catalog(request: web.Request) -> web.Response:
     subject = authenticate(request, basic=True)
     n, last = _paging(request)
-    page, more = _page(await manifests.repositories(request.app, subject), n, last)
+    page, more = _page(request.app[OCI_INDEX].repositories(subject), n, last)
     headers = dict(API_VERSION)
     if more:
         headers["Link"] = f'<{URL("/v2/_catalog").with_query(n=n, last=page[-1])}>; rel="next"'

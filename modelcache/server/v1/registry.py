@@ -13,7 +13,8 @@ from ...auth import Role
 from ...db import artifacts as artifact_rows, audit, models
 from ...errors import NotFound
 from .api import ALL_ROLES, MANAGERS, Call, Query, Strict, endpoint
-from ..keys import STORE
+from ...manifests import derive_version
+from ..keys import CATALOG, STORE
 
 READERS = ALL_ROLES - {Role.NODE}
 
@@ -224,6 +225,9 @@ async def patch_version(call: Call) -> VersionOut:
         await audit.audit(conn, call.subject, "model_version.update", "model_version", str(version_id),
                              reason=body.reason, details=body.model_dump(exclude={"reason"}, exclude_none=True))
         row = await models.get_version(conn, version_id)
+    # the version's Ollama manifests carry its capabilities and parameters: made again now, served as we answer
+    derived = await derive_version(call.db, call.request.app[STORE], version_id)
+    await call.request.app[CATALOG].changed([d for x in derived for d in x.digests])
     return version_out(row)
 
 
@@ -265,8 +269,9 @@ async def get_artifact(call: Call) -> ArtifactOut:
 @endpoint("POST", "/v1/artifacts/{artifact}/promote", summary="Promote: make an artifact visible to nodes",
           roles=MANAGERS, action="model_artifact.promote", response=ArtifactOut)
 async def promote(call: Call) -> ArtifactOut:
-    return artifact_out(await artifacts.promote(call.db, call.request.app[STORE], call.param("artifact"),
-                                                call.subject))
+    promoted = await artifacts.promote(call.db, call.request.app[STORE], call.param("artifact"), call.subject)
+    await call.request.app[CATALOG].changed([f["blob_digest"] for f in promoted["files"]])  # served as we answer
+    return artifact_out(promoted)
 
 
 @endpoint("POST", "/v1/artifacts/{artifact}/pin", summary="Pin: never evict this artifact", roles=MANAGERS,
