@@ -19,11 +19,12 @@ logger = logging.getLogger(__name__)
 
 
 @asynccontextmanager
-async def open_database(settings: Settings, wait: float = 30) -> AsyncIterator[Database]:
+async def open_database(settings: Settings, wait: float = 30, supervise: bool = False) -> AsyncIterator[Database]:
     """The configured database, or the embedded one under ``<data_dir>/pg``; closed on exit.
 
     ``wait`` is how long to wait for PostgreSQL: long for servers (it may be
-    starting beside us), short for one-shot CLI verbs.
+    starting beside us), short for one-shot CLI verbs. ``supervise`` (the
+    long-running processes) restarts the embedded PostgreSQL whenever it dies.
     """
     embedded = None
     dsn = settings.database.dsn
@@ -32,10 +33,18 @@ async def open_database(settings: Settings, wait: float = 30) -> AsyncIterator[D
         embedded = EmbeddedPostgres(settings.data_dir / "pg")
         dsn = await asyncio.to_thread(embedded.start)
     db = Database(dsn, settings.database)
+    stop_supervising = asyncio.Event()
+    supervisor = None
     try:
         await db.open(timeout=wait)
+        if supervise and embedded is not None:
+            supervisor = asyncio.create_task(embedded.supervise(stop_supervising), name="embedded-postgres")
         yield db
     finally:
+        if supervisor is not None:
+            # not cancelled: a restart in progress finishes before the postmaster is left
+            stop_supervising.set()
+            await supervisor
         await db.close()
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
@@ -57,7 +66,7 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    async with open_database(settings) as db:
+    async with open_database(settings, supervise=True) as db:
         await migrate(db)
         runner = None
         if serve:

