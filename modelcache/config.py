@@ -61,6 +61,8 @@ class SyncdSettings:
     settle_seconds: float = 3.0
     workers: int = 2
     force_polling: bool = False
+    # An import that takes longer than this logs a progress line this often.
+    progress_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,8 @@ _PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
     "database": {"dsn": _str, "pool_min_size": _int(1, 100), "pool_max_size": _int(1, 100),
                  "connect_timeout": _seconds(2, 3600), "acquire_timeout": _seconds(0.1, 3600),
                  "statement_timeout": _seconds(0.1, 86400)},
-    "syncd": {"settle_seconds": _float(0), "workers": _int(1, 64), "force_polling": _bool},
+    "syncd": {"settle_seconds": _float(0), "workers": _int(1, 64), "force_polling": _bool,
+              "progress_seconds": _float(0)},
     "log": {"format": _choice("text", "json"), "level": _choice("debug", "info", "warning", "error")},
 }
 

@@ -37,8 +37,12 @@ class Hasher:
         return self._xxh3.hexdigest()
 
 
-def hash_stream(src: BinaryIO, sink: Callable[[memoryview], object] | None = None) -> Hasher:
-    """Read ``src`` to its end once, hashing every byte and handing each chunk to ``sink``."""
+def hash_stream(src: BinaryIO, sink: Callable[[memoryview], object] | None = None,
+                progress: Callable[[int], object] | None = None) -> Hasher:
+    """Read ``src`` to its end once, hashing every byte and handing each chunk to ``sink``.
+
+    ``progress`` is told the size of each chunk once it is hashed (and sunk).
+    """
     hasher = Hasher()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -50,3 +54,5 @@ def hash_stream(src: BinaryIO, sink: Callable[[memoryview], object] | None = Non
         hasher.update(chunk)
         if sink is not None:
             sink(chunk)
+        if progress is not None:
+            progress(n)

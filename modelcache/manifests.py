@@ -37,7 +37,7 @@ from .digest import Digest
 from .errors import ImportRejected, ModelcacheError, NotFound
 from .formats import DOCKER_MANIFEST_V2
 from .formats.ollama import MAX_MANIFEST_BYTES, MODEL, OCI_MANIFEST, Descriptor, Manifest, SmallBlob, synthesise
-from .metadata import gguf_capabilities, read_gguf_header
+from .formats.gguf import gguf_capabilities, read_gguf_header
 from .store import Blob, BlobStore
 
 logger = logging.getLogger(__name__)

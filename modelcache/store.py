@@ -28,13 +28,16 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from .digest import Digest
 from .errors import ChecksumError, InvalidInput, NotFound, SourceChanged
 from .hashing import Hasher, hash_stream
 
 logger = logging.getLogger(__name__)
+
+# told the size of each chunk as it is hashed, from the hashing thread
+OnBytes = Callable[[int], object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,15 +85,15 @@ class TempBlob:
         self.hasher.update(data)
         self._file.write(data)
 
-    def copy_from(self, src: BinaryIO) -> None:
+    def copy_from(self, src: BinaryIO, progress: OnBytes | None = None) -> None:
         """Copy ``src`` to its end, hashing in the same pass."""
         assert self._file is not None and not self.hasher.size
-        self.hasher = hash_stream(src, self._file.write)
+        self.hasher = hash_stream(src, self._file.write, progress)
 
-    def hash_in_place(self) -> None:
+    def hash_in_place(self, progress: OnBytes | None = None) -> None:
         """Hash a hard-linked temp file: the bytes are read once and never copied."""
         assert self._file is not None and not self.hasher.size
-        self.hasher = hash_stream(self._file)
+        self.hasher = hash_stream(self._file, progress=progress)
 
     def stat(self) -> os.stat_result:
         assert self._file is not None
@@ -186,16 +189,16 @@ class BlobStore:
             temp.close()
         return Blob(digest, temp.hasher.size, temp.hasher.xxh3, target)
 
-    def ingest_copy(self, src: Path, expected: Digest | None = None) -> Blob:
+    def ingest_copy(self, src: Path, expected: Digest | None = None, progress: OnBytes | None = None) -> Blob:
         """Copy a file into the store, hashing in the same read pass; the source is untouched."""
         with open_source(src) as f, self.temp() as temp:
             before = _fingerprint(os.fstat(f.fileno()))
-            temp.copy_from(f)
+            temp.copy_from(f, progress)
             temp.finish()
             _check_unchanged(src, before, os.fstat(f.fileno()))
             return self.commit(temp, expected)
 
-    def ingest_link(self, src: Path, expected: Digest | None = None) -> Blob:
+    def ingest_link(self, src: Path, expected: Digest | None = None, progress: OnBytes | None = None) -> Blob:
         """Take a file into the store by hard link: no copy, the bytes are hashed once in place.
 
         The source name stays until the caller removes it after the registry
@@ -206,16 +209,16 @@ class BlobStore:
         if os.stat(src).st_nlink > 1:
             # another name shares the inode: the store must own its inode alone (it is made
             # read-only, and a write through the other name would change a verified blob)
-            return self.ingest_copy(src, expected)
+            return self.ingest_copy(src, expected, progress)
         try:
             temp = TempBlob(self, linked_from=src)
         except OSError as exc:
             if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                return self.ingest_copy(src, expected)
+                return self.ingest_copy(src, expected, progress)
             raise
         with temp:
             before = _fingerprint(temp.stat())
-            temp.hash_in_place()
+            temp.hash_in_place(progress)
             temp.finish()
             _check_unchanged(src, before, temp.stat())
             return self.commit(temp, expected)

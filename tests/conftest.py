@@ -27,7 +27,7 @@ from modelcache import config
 from modelcache.auth import Role, Subject
 from modelcache.db import Database
 from modelcache.db.migrate import migrate
-from modelcache.importer import ImportRequest, import_path
+from modelcache.imports import ImportRequest, import_path
 from modelcache.server.access import AccessLogger
 from modelcache.server.app import create_app
 from modelcache.server.keys import CATALOG

@@ -164,7 +164,7 @@ async def test_revoked_token_stops_working_within_5_seconds(server, http, blob20
 
 async def test_staged_blob_is_for_admins_and_operators_only(server, http, make_file, db, store, make_token):
     from modelcache.auth import Subject
-    from modelcache.importer import ImportRequest, import_path
+    from modelcache.imports import ImportRequest, import_path
 
     async with db.connection() as conn:
         await conn.execute(

@@ -1,11 +1,20 @@
 """``modelcache import`` through the real CLI, against a real registry and store."""
 
+import fcntl
 import hashlib
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 
 import psycopg
 import pytest
 
-from conftest import run_cli, safetensors_bytes
+from conftest import gguf_bytes, run_cli, safetensors_bytes
+from modelcache.formats import detect_type, folder_files, read_capabilities
 
 pytestmark = pytest.mark.registry
 
@@ -144,3 +153,74 @@ def test_headers_fill_capabilities_and_a_malformed_gguf_is_refused(mc, dsn, make
     assert done.returncode == 1
     assert "broken.gguf" in done.stderr and "malformed GGUF header" in done.stderr
     assert query(dsn, "SELECT count(*) FROM model_artifacts") == [(1,)]
+
+
+def test_hidden_files_of_a_folder_are_not_part_of_it_for_detection_headers_or_store(mc, dsn, tmp_path, settings):
+    folder = tmp_path / "split"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(gguf_bytes(arch="qwen2", context_length=4096))
+    (folder / "README.md").write_text("a split GGUF\n")
+    hidden = {  # what huggingface-cli, editors and rsync leave; each would change the import if it counted
+        ".cache/huggingface/download/model.safetensors": b"\x10\0\0\0\0\0\0\0{not a header",
+        ".model.safetensors.index.json": json.dumps({"weight_map": {"w": "missing.safetensors"}}).encode(),
+        ".README.md.swp": b"\0" * 64,
+    }
+    for rel, data in hidden.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    assert [f.rel for f in folder_files(folder)] == ["README.md", "model.gguf"]
+    assert detect_type(folder) == "gguf"  # a hidden .safetensors does not make it a snapshot
+    assert read_capabilities(folder, "safetensors")["parameter_count"] == 0  # nor is its header read
+
+    done = mc("import", str(folder), "--model", "split", "--version", "1")
+    assert done.returncode == 0, done.stderr
+    digest = done.stdout.strip().splitlines()[-1]
+    [(atype, caps)] = query(dsn, """SELECT a.artifact_type, v.capabilities FROM model_artifacts a
+                                      JOIN model_versions v ON v.id = a.model_version_id""")
+    assert atype == "gguf" and caps["architecture"] == "qwen2" and caps["context_length"] == 4096
+    files = query(dsn, "SELECT path FROM artifact_files f JOIN model_artifacts a ON a.id = f.artifact_id "
+                       "WHERE a.sha256 = %s AND path NOT LIKE '.ollama/%%' ORDER BY path", digest[7:])
+    assert files == [("README.md",), ("model.gguf",)]
+    stored = {p.name for p in (settings.data_dir / "blobs").rglob("*") if p.is_file()}
+    for data in hidden.values():
+        assert hashlib.sha256(data).hexdigest() not in stored
+
+
+def _run_in_pty(*args: str) -> tuple[str, str, int]:
+    """Run ``modelcache`` with stderr on a pseudo-terminal (80 columns) and stdout on a pipe."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCACHE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "modelcache", *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(master)
+    stdout = proc.stdout.read().decode()
+    proc.stdout.close()
+    return stdout, terminal.decode(errors="replace"), proc.wait(timeout=120)
+
+
+def test_import_on_a_terminal_shows_a_bar_and_without_one_prints_none(mc, dsn, make_file, settings):
+    src = make_file(gguf=True, size=8 << 20, name="big.gguf")
+    stdout, terminal, code = _run_in_pty("import", str(src), "--model", "big", "--version", "1", "--dsn", dsn,
+                                         "--data-dir", str(settings.data_dir))
+    assert code == 0, terminal
+    digest = "sha256:" + hashlib.sha256(src.read_bytes()).hexdigest()
+    assert stdout.strip().splitlines()[-1] == digest
+    bar = [line for line in terminal.replace("\r", "\n").splitlines() if line.startswith("big.gguf: ")]
+    assert bar and "100%|" in bar[-1] and "8.00M/8.00M" in bar[-1], terminal
+
+    other = make_file(gguf=True, size=8 << 20, name="piped.gguf")
+    done = mc("import", str(other), "--model", "piped", "--version", "1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "sha256:" + hashlib.sha256(other.read_bytes()).hexdigest()
+    assert "piped.gguf: " not in done.stderr and "%|" not in done.stderr and "\r" not in done.stderr

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -376,3 +378,22 @@ async def test_a_symbolic_link_is_not_followed_but_moved_to_failed(start_daemon,
     assert "a symbolic link" in json.loads(error_file.read_text())["reason"]
     assert (daemon.import_dir / ".failed" / "link.gguf").is_symlink() and target.exists()
     assert await artifacts(db) == []
+
+
+async def test_an_import_that_takes_longer_than_progress_seconds_logs_its_progress(start_daemon, db, caplog):
+    caplog.set_level(logging.INFO, logger="modelcache.syncd.daemon")
+    daemon = await start_daemon(**{"syncd.progress_seconds": 0.01})  # 5 s by default: a 64 MiB file stands in
+    n_floats = 1 << 24
+    header = gguf_bytes(n_floats=n_floats, data=b"")
+    path = daemon.import_dir / "slow.gguf"
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + n_floats * 4)
+    size = path.stat().st_size
+    [row] = await eventually(lambda: artifacts(db), timeout=30)
+    assert row["size_bytes"] == size
+    line = re.compile(rf"importing {re.escape(str(path))}: (\d+) of {size} bytes \(\d+%\), \d+ MB/s")
+    progress = [m for r in caplog.records if (m := line.fullmatch(r.getMessage()))]
+    assert progress, [r.getMessage() for r in caplog.records]
+    done = [int(m.group(1)) for m in progress]
+    assert done == sorted(done) and 0 < done[0] and done[-1] <= size

@@ -11,12 +11,9 @@ import pytest
 
 from conftest import gguf_bytes, safetensors_bytes
 from modelcache.errors import ImportRejected
-from modelcache.metadata import (
-    gguf_capabilities,
-    read_capabilities,
-    read_gguf_header,
-    read_safetensors_header,
-)
+from modelcache.formats import read_capabilities
+from modelcache.formats.gguf import gguf_capabilities, read_gguf_header
+from modelcache.formats.safetensors import read_safetensors_header
 
 # Written by llama.cpp's own gguf package (gguf 0.19.0, GGUFWriter): architecture llama,
 # context length 4096, size label 1K, file type 7 (Q8_0), a chat template, a 3-token vocabulary,

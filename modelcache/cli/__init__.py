@@ -85,4 +85,12 @@ def _with_database(settings: Settings, work: Callable, migrate_first: bool = Tru
     return asyncio.run(go())
 
 
+def _progress_bar(desc: str, total: int | None = None) -> Any:
+    """A bytes bar on stderr, drawn only when stderr is a terminal: stdout's last line stays the result."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+                disable=None)
+
+
 from . import admin, host, processes  # noqa: E402,F401 - each module adds its commands to main

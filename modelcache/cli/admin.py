@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from ..errors import InvalidInput, ModelcacheError, NotFound
-from . import _Group, main
+from ..formats import ARTIFACT_TYPES
+from . import _Group, _progress_bar, main
 
 # -- admin verbs: they talk to the management API --------------------------------
 
@@ -201,14 +201,11 @@ def audit(client, action, subject, resource, since, until, limit, cursor):
 @click.option("--model", required=True)
 @click.option("--version", "version", required=True)
 @click.option("--vendor", default=None)
-@click.option("--type", "artifact_type", default=None, type=click.Choice(["gguf", "safetensors", "ollama"]))
+@click.option("--type", "artifact_type", default=None, type=click.Choice(ARTIFACT_TYPES))
 @click.option("--sha256", "expected", default=None, help="Expected digest (sha256:<hex>); a mismatch keeps nothing.")
 def upload(client, path: Path, model, version, vendor, artifact_type, expected):
     """Stream a file to the server (POST /v1/imports) with a progress bar."""
-    from tqdm import tqdm
-
-    with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name,
-              file=sys.stderr, disable=None) as bar:
+    with _progress_bar(path.name, path.stat().st_size) as bar:
         body = client.upload(path, {"model": model, "version": version, "vendor": vendor, "type": artifact_type,
                                     "sha256": expected}, bar.update)
     return body, _table(_labelled([body]), _ARTIFACT_COLUMNS) + f"\n{body['digest']}"

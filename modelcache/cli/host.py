@@ -9,7 +9,8 @@ import click
 
 from ..auth import Role, Subject
 from ..config import Settings
-from . import _Group, _host_options, _with_database, main
+from ..formats import ARTIFACT_TYPES
+from . import _Group, _host_options, _progress_bar, _with_database, main
 
 # -- bootstrap verbs on the database --------------------------------------------
 
@@ -113,7 +114,7 @@ def token_revoke(settings: Settings, name: str) -> None:
 @click.option("--model", default=None, help="Logical model name, e.g. llama3.")
 @click.option("--version", "version", default=None, help="Version or tag, e.g. 8b-q4_0.")
 @click.option("--vendor", default=None, help="Vendor, e.g. meta.")
-@click.option("--type", "artifact_type", default=None, type=click.Choice(["gguf", "safetensors", "ollama"]),
+@click.option("--type", "artifact_type", default=None, type=click.Choice(ARTIFACT_TYPES),
               help="Artifact type; read from the content when absent.")
 @click.option("--move", is_flag=True, help="Move the file into the store (a rename: no second copy).")
 @click.option("--ollama-models", "ollama_models", type=click.Path(path_type=Path), default=None,
@@ -124,8 +125,9 @@ def import_(settings: Settings, path: str, model: str | None, version: str | Non
     """Import a file (or a folder, for a multi-file artifact) and print its digest on the last line.
 
     With --ollama-models DIR, import the Ollama model PATH (NAME:TAG, e.g. llama3:8b) from DIR.
+    On a terminal, a bar shows the bytes hashed so far.
     """
-    from ..importer import ImportRequest, import_ollama_model, import_path
+    from ..imports import ImportRequest, import_ollama_model, import_path
     from ..formats.ollama import ModelName
     from ..store import BlobStore
 
@@ -139,18 +141,38 @@ def import_(settings: Settings, path: str, model: str | None, version: str | Non
                 raise click.UsageError(f"Missing option '{option}'.")
         request = ImportRequest.parse(Path(path), model, version, vendor, artifact_type, move, inspect=True)
     store = BlobStore(settings.data_dir)
+    bar = _HashingBar(Path(path).name if request is not None else str(name))
 
     async def work(db):
         await asyncio.to_thread(store.prepare)
         if request is None:
             return await import_ollama_model(db, store, ollama_models, name, Subject.local(), model=model,
-                                             version=version, vendor=vendor)
-        return await import_path(db, store, request, Subject.local())
+                                             version=version, vendor=vendor, progress=bar)
+        return await import_path(db, store, request, Subject.local(), progress=bar)
 
-    result = _with_database(settings, work)
+    try:
+        result = _with_database(settings, work)
+    finally:
+        bar.close()
     state = "new" if result.created else "already present"
     label = request.model_label if request is not None else str(name)
     click.echo(f"{label} {result.artifact_type} {result.size} bytes, {result.state} ({state})", err=True)
     click.echo(str(result.digest))
 
 
+class _HashingBar:
+    """An import's bar: drawn from the first bytes hashed (not while the database starts), closed at the last."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc, self.bar = desc, None
+
+    def __call__(self, done: int, total: int | None) -> None:  # from the hashing thread
+        if self.bar is None:
+            self.bar = _progress_bar(self.desc, total)
+        self.bar.update(done - self.bar.n)
+        if done == total:
+            self.close()  # before the log line that says it is imported
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,31 +1,35 @@
-"""What kind of artifact a file holds, read from its first bytes (blocking)."""
+"""What a file or folder holds: artifact types, read from content (blocking).
+
+One module per format: :mod:`.gguf`, :mod:`.safetensors`, :mod:`.hf_snapshot`
+(a folder of safetensors shards with its config) and :mod:`.ollama` (a Docker
+v2 manifest and its blobs, as Ollama keeps them). :mod:`.folder` holds the one
+rule for which files make up a folder artifact; :mod:`.reader` the bounded
+reads every parser uses. Here: sniffing a file's type, detecting a folder's,
+and reading the capabilities of either.
+"""
 
 from __future__ import annotations
 
 import json
 import struct
 from pathlib import Path
+from typing import Any, Sequence
 
 from ..errors import ImportRejected, InvalidInput
+from .folder import FolderFile, folder_files
+from .gguf import GGUF_MAGIC, gguf_capabilities, gguf_folder_capabilities, read_gguf_header
+from .hf_snapshot import snapshot_capabilities
+from .reader import load_json_object
+from .safetensors import MAX_HEADER_BYTES as _SAFETENSORS_MAX_HEADER
+from .safetensors import read_safetensors_header, safetensors_capabilities
+
+__all__ = [
+    "ARTIFACT_TYPES", "DOCKER_MANIFEST_V2", "FolderFile", "detect_type", "folder_files", "load_json_object",
+    "parse_artifact_type", "read_capabilities", "sniff_file",
+]
 
 ARTIFACT_TYPES = ("gguf", "safetensors", "ollama")
-GGUF_MAGIC = b"GGUF"
 DOCKER_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
-# safetensors headers are JSON of at most 100 MB by the format's own rule
-_SAFETENSORS_MAX_HEADER = 100_000_000
-
-
-def load_json_object(raw: bytes, max_bytes: int) -> dict:
-    """A JSON object from bytes (a sidecar, a manifest, a header); ValueError says what is wrong."""
-    if len(raw) > max_bytes:
-        raise ValueError(f"larger than {max_bytes} bytes")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise ValueError("not a JSON object")
-    return doc
 
 
 def parse_artifact_type(text: str) -> str:
@@ -55,10 +59,13 @@ def sniff_file(path: Path) -> str | None:
     return None
 
 
-def detect_type(path: Path) -> str:
-    """The artifact type of a file or folder, or ImportRejected naming the path."""
-    if path.is_dir():
-        names = [p.name for p in path.rglob("*") if p.is_file()]
+def detect_type(path: Path, files: Sequence[FolderFile] | None = None) -> str:
+    """The artifact type of a file, or of a folder from its ``files`` (listed when not given).
+
+    ImportRejected names the path when the content does not tell.
+    """
+    if files is not None or path.is_dir():
+        names = [f.rel for f in (files if files is not None else folder_files(path))]
         if any(name.endswith(".safetensors") for name in names):
             return "safetensors"
         if any(name.endswith(".gguf") for name in names):
@@ -70,3 +77,23 @@ def detect_type(path: Path) -> str:
             f"{path}: cannot tell the artifact type (not GGUF, safetensors or a Docker v2 manifest); pass --type"
         )
     return found
+
+
+def read_capabilities(path: Path, artifact_type: str, files: Sequence[FolderFile] | None = None) -> dict[str, Any]:
+    """Capabilities read from a file's header, or from every header (and config.json) of a folder.
+
+    A folder's ``files`` are listed by :func:`folder_files` when not given.
+    Raises ImportRejected when a header is truncated or malformed.
+    """
+    if files is None and not path.is_dir():
+        if artifact_type == "gguf":
+            return gguf_capabilities(read_gguf_header(path))
+        if artifact_type == "safetensors":
+            return safetensors_capabilities([read_safetensors_header(path)])
+        return {}
+    listed = files if files is not None else folder_files(path)
+    if artifact_type == "gguf":
+        return gguf_folder_capabilities([read_gguf_header(f.path) for f in listed if f.rel.endswith(".gguf")])
+    if artifact_type == "safetensors":
+        return snapshot_capabilities(listed)
+    return {}

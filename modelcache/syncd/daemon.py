@@ -8,8 +8,9 @@ Three kinds of task share one event loop:
   it re-scans every tick while something is settling, and every
   ``IDLE_RESCAN_SECONDS`` anyway, in case an event was missed (NFS);
 - ``syncd.workers`` *workers* each take one candidate at a time through the one
-  import road, :func:`~modelcache.importer.import_path`, whose hashing runs in a
-  thread: at most ``workers`` files are hashed at once.
+  import road, :func:`~modelcache.imports.import_path`, whose hashing runs in a
+  thread: at most ``workers`` files are hashed at once. An import that takes
+  longer than ``syncd.progress_seconds`` logs its progress that often.
 
 Crash safety comes from the road: the file is hard-linked into ``tmp/``,
 hashed, renamed into ``blobs/``, registered, and only then removed from the
@@ -36,7 +37,7 @@ from ..config import Settings
 from ..db import audit
 from ..db.pool import Database
 from ..errors import Conflict, DatabaseUnavailable, InvalidInput, ModelcacheError, NotFound, SourceChanged
-from ..importer import ImportResult, import_path
+from ..imports import ImportResult, import_path
 from ..store import BlobStore
 from .failed import move_to_failed
 from .naming import ImportPlan, plan_import
@@ -61,6 +62,7 @@ class SyncDaemon:
         self.store = BlobStore(settings.data_dir)
         self.workers = settings.syncd.workers
         self.force_polling = settings.syncd.force_polling
+        self.progress_seconds = settings.syncd.progress_seconds
         self._settler = Settler(settings.syncd.settle_seconds)
         # while something settles, look again often enough that the wait overshoots by little
         self.tick = max(0.05, min(0.25, settings.syncd.settle_seconds / 10))
@@ -245,7 +247,8 @@ class SyncDaemon:
         except FileNotFoundError:
             return  # moved away while we looked; the next scan sees what is there
         try:
-            result = await import_path(self.db, self.store, plan.request, SYNCD)
+            result = await import_path(self.db, self.store, plan.request, SYNCD, files=plan.files,
+                                       progress=ProgressLog(c.path, self.progress_seconds))
         except SourceChanged:
             logger.info("%s changed while it was being imported; it is imported once it settles again", c.path)
             self._settler.restart(c.path, time.monotonic())
@@ -295,6 +298,29 @@ class SyncDaemon:
         self._retry[path] = (time.monotonic() + delay, delay)
         self._wakeup.set()  # so the scanner keeps ticking until it is due
         logger.warning("could not import %s for now (%s); trying again in %.0fs", path, reason, delay)
+
+
+class ProgressLog:
+    """Logs an import's progress every ``interval`` seconds, so a file that takes longer than that is seen moving.
+
+    Called from the hashing thread with the bytes done and in all.
+    """
+
+    def __init__(self, path: Path, interval: float) -> None:
+        self.path, self.interval = path, interval
+        self.started = self.logged = time.monotonic()
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self.logged < self.interval:
+            return
+        self.logged = now
+        rate = done / 1e6 / (now - self.started) if now > self.started else 0.0
+        if total:
+            logger.info("importing %s: %d of %d bytes (%.0f%%), %.0f MB/s", self.path, done, total,
+                        100 * done / total, rate)
+        else:
+            logger.info("importing %s: %d bytes, %.0f MB/s", self.path, done, rate)
 
 
 def _clean_up(plan: ImportPlan, result: ImportResult) -> None:

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInput
-from ..formats import load_json_object
-from ..importer import ImportRequest
+from ..formats import FolderFile, folder_files, load_json_object
+from ..formats.folder import is_hidden
+from ..imports import ImportRequest
 from .scan import FOLDER_METADATA, Candidate
 
 DEFAULT_VERSION = "latest"
@@ -33,7 +34,7 @@ _MAX_SIDECAR_BYTES = 1 << 20
 @dataclass(frozen=True)
 class ImportPlan:
     request: ImportRequest
-    files: tuple[Path, ...]  # the artifact's files, as they lie in the import folder
+    files: tuple[FolderFile, ...] | None  # a folder artifact's files, listed once and passed to the import
     metadata: tuple[Path, ...]  # sidecar / modelcache.json consumed by this import
 
 
@@ -57,12 +58,11 @@ def plan_import(import_dir: Path, candidate: Candidate) -> ImportPlan:
         values.update(read_sidecar(candidate.sidecar, SIDECAR_KEYS))
         metadata.append(candidate.sidecar)
 
+    files = None
     if folder:
-        files = _folder_files(path, exclude)
+        files = tuple(folder_files(path, exclude))
         if "files" in values:
             _check_named_files(path, values.pop("files"), files)
-    else:
-        files = (path,)
     try:
         request = ImportRequest.parse(
             path, values.get("name"), values.get("version"), values.get("vendor"), values.get("artifact_type"),
@@ -123,23 +123,15 @@ def _stem(name: str) -> str:
     return stem if dot and stem else name
 
 
-def _folder_files(folder: Path, exclude: tuple[str, ...]) -> tuple[Path, ...]:
-    return tuple(sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        and p.relative_to(folder).as_posix() not in exclude
-    ))
-
-
-def _check_named_files(folder: Path, named: Any, files: tuple[Path, ...]) -> None:
+def _check_named_files(folder: Path, named: Any, files: tuple[FolderFile, ...]) -> None:
     meta = folder / FOLDER_METADATA
     if not isinstance(named, list) or not named or not all(isinstance(n, str) and n for n in named):
         raise InvalidInput(f"{meta}: files must be a non-empty list of paths relative to the folder")
     for name in named:
         p = Path(name)
-        if p.is_absolute() or ".." in p.parts or any(part.startswith(".") for part in p.parts):
+        if p.is_absolute() or ".." in p.parts or any(is_hidden(part) for part in p.parts):
             raise InvalidInput(f"{meta}: {name!r} in files is not a plain relative path inside the folder")
-    present = {f.relative_to(folder).as_posix() for f in files}
+    present = {f.rel for f in files}
     wanted = {Path(n).as_posix() for n in named}
     if wanted - present:
         raise InvalidInput(f"{meta}: names {', '.join(sorted(wanted - present))}, which is not in the folder")

@@ -9,7 +9,7 @@ from pydantic import Field
 from ... import artifacts
 from ...digest import Digest
 from ...errors import InvalidInput
-from ...importer import ImportRequest, import_stream
+from ...imports import ImportRequest, import_stream
 from .api import MANAGERS, Call, Query, endpoint
 from ..keys import STORE
 from .registry import NAME, VERSION, ArtifactOut, artifact_out

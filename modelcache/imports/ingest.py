@@ -1,0 +1,239 @@
+"""Bytes into the store: from a file, a folder, a stream or an Ollama models directory.
+
+Each ingest hashes while it copies (or, for a move, while it reads a hard link
+in place), commits blobs through :class:`~modelcache.store.BlobStore`, and
+returns what it stored as :class:`Ingested`; nothing is registered here (see
+:mod:`.register`). The source is never touched: a moved file is removed by the
+register step, after the registry commit. A folder is listed once, by
+:func:`~modelcache.formats.folder_files`, and that listing serves type
+detection, header reading, fingerprints and the ingest alike.
+
+Progress is reported as ``progress(bytes done, bytes in all)`` from the
+hashing thread; ``bytes in all`` is None for a stream of unknown length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from .. import eviction
+from ..db.pool import Database
+from ..digest import Digest
+from ..errors import ChecksumError, ImportRejected, InvalidInput, NotFound, SourceChanged
+from ..formats import DOCKER_MANIFEST_V2, FolderFile, detect_type, folder_files, read_capabilities, sniff_file
+from ..formats.ollama import MAX_MANIFEST_BYTES, Descriptor, Manifest, ModelName, ModelsDir, ollama_capabilities
+from ..hashing import CHUNK
+from ..store import Blob, BlobStore
+from .request import ImportRequest
+
+MANIFEST_MEDIA_TYPE = "application/vnd.modelcache.artifact.v1+json"
+
+Progress = Callable[[int, "int | None"], object]
+
+
+@dataclass
+class Ingested:
+    """What an ingest stored: the artifact's files, the blob whose digest names it, and what it is."""
+
+    files: list[tuple[str, Blob]]
+    manifest: Blob  # the single file's blob, or the folder manifest's
+    artifact_type: str
+    content_caps: dict[str, Any] = field(default_factory=dict)
+    media_types: dict[str, str] = field(default_factory=dict)  # by path, where the source names them
+    started: float = field(default_factory=time.monotonic)  # when the ingest began (monotonic)
+
+    @property
+    def size(self) -> int:
+        return sum(b.size for _, b in self.files)
+
+
+class _Meter:
+    """Adds up the bytes hashed over every file of one ingest, for one ``progress`` callback."""
+
+    def __init__(self, total: int | None, progress: Progress | None) -> None:
+        self.total, self.progress, self.done = total, progress, 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+async def ingest_path(db: Database, store: BlobStore, req: ImportRequest, *,
+                      files: Sequence[FolderFile] | None = None, progress: Progress | None = None) -> Ingested:
+    """Store ``req.path``, a file or a folder (every file of :func:`folder_files`, then a manifest naming them).
+
+    ``files`` is the folder's listing when the caller made it already (the import
+    folder does, to check its ``modelcache.json``). With ``req.move`` files are
+    hard-linked into the store rather than copied.
+    """
+    started = time.monotonic()
+    if not await asyncio.to_thread(req.path.exists):
+        raise NotFound(f"{req.path}: no such file or folder")
+    listing: Sequence[FolderFile] | None = None
+    if await asyncio.to_thread(req.path.is_dir):
+        listing = files if files is not None else await asyncio.to_thread(folder_files, req.path, req.exclude)
+    before = await asyncio.to_thread(_fingerprints, req.path, listing)
+    size = sum(size for _, _, size, _ in before)
+    await eviction.admit(db, size)
+    artifact_type = req.artifact_type or await asyncio.to_thread(detect_type, req.path, listing)
+    content_caps: dict[str, Any] = {}
+    if req.inspect:
+        # the headers are read before the bytes are hashed: the files must still be the
+        # same ones (inode, size, mtime) once the hash is done, or the header may not be theirs
+        content_caps = await asyncio.to_thread(read_capabilities, req.path, artifact_type, listing)
+    meter = _Meter(size, progress)
+    if listing is not None:
+        stored, manifest = await asyncio.to_thread(_ingest_folder, store, req.path, listing, req.move, meter)
+    else:
+        ingest = store.ingest_link if req.move else store.ingest_copy
+        blob = await asyncio.to_thread(ingest, req.path, None, meter)
+        stored, manifest = [(req.path.name, blob)], blob
+    if req.inspect and await asyncio.to_thread(_fingerprints, req.path, listing) != before:
+        raise SourceChanged(f"{req.path}: changed between reading its header and hashing it")
+    return Ingested(stored, manifest, artifact_type, content_caps, started=started)
+
+
+async def ingest_stream(db: Database, store: BlobStore, req: ImportRequest, chunks: AsyncIterator[bytes], *,
+                        expected: Digest | None = None, total: int | None = None,
+                        progress: Progress | None = None) -> Ingested:
+    """Store one file from a stream (an upload, a download), hashing while it is written to ``tmp/``.
+
+    Never holds the body in memory; with ``expected``, a mismatch keeps nothing
+    (ChecksumError). ``total`` is the announced length, for progress only.
+    ``req.path`` only names the file.
+    """
+    started = time.monotonic()
+    await eviction.admit(db, total or 0)
+    meter = _Meter(total, progress)
+    temp = await asyncio.to_thread(store.temp)
+    try:
+        pending = bytearray()
+        async for chunk in chunks:
+            pending += chunk
+            if len(pending) >= CHUNK:  # hash and write in 1 MiB steps, off the event loop
+                await asyncio.to_thread(temp.write, bytes(pending))
+                meter(len(pending))
+                pending.clear()
+        await asyncio.to_thread(temp.write, bytes(pending))
+        meter(len(pending))
+        await asyncio.to_thread(temp.finish)
+        artifact_type = req.artifact_type or await asyncio.to_thread(sniff_file, temp.path)
+        if artifact_type is None:
+            raise ImportRejected(f"{req.path}: cannot tell the artifact type (not GGUF, safetensors or a "
+                                 "Docker v2 manifest); pass type")
+        await eviction.admit(db, temp.hasher.size)
+        blob = await asyncio.to_thread(store.commit, temp, expected)
+    finally:
+        await asyncio.to_thread(temp.discard)
+    return Ingested([(req.path.name, blob)], blob, artifact_type, started=started)
+
+
+async def ingest_ollama(db: Database, store: BlobStore, folder: ModelsDir, name: ModelName, *,
+                        progress: Progress | None = None) -> Ingested:
+    """Store an Ollama model's manifest byte for byte and every blob it names, each checked against its digest."""
+    started = time.monotonic()
+    path = await asyncio.to_thread(folder.find_manifest, name)
+    raw = await asyncio.to_thread(_read_small, path, MAX_MANIFEST_BYTES)
+    manifest = Manifest.parse(raw, str(path))
+    sources = await asyncio.to_thread(_ollama_sources, folder, manifest)
+    total = len(raw) + sum(d.size for d, _ in sources)
+    await eviction.admit(db, total)
+    files = await asyncio.to_thread(_ingest_ollama_files, store, raw, sources, _Meter(total, progress))
+    media_types = {"manifest": DOCKER_MANIFEST_V2}
+    media_types.update({_ollama_blob_name(d.digest): d.media_type for d, _ in sources})
+    config = await asyncio.to_thread(_read_small, store.path_for(manifest.config.digest), MAX_MANIFEST_BYTES)
+    return Ingested(files, files[0][1], "ollama", content_caps=ollama_capabilities(config),
+                    media_types=media_types, started=started)
+
+
+def _ollama_sources(folder: ModelsDir, manifest: Manifest) -> list[tuple[Descriptor, Path]]:
+    """Each blob the manifest names and its file, checked for presence and size before any copy."""
+    sources = []
+    for d in manifest.blobs:
+        path = folder.blob_path(d.digest)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"{path}: blob {d.digest} ({d.media_type}) named by the manifest is missing") from None
+        if size != d.size:
+            raise ImportRejected(f"{path}: blob {d.digest} has {size} bytes, the manifest says {d.size}")
+        sources.append((d, path))
+    return sources
+
+
+def _ingest_ollama_files(store: BlobStore, raw: bytes, sources: list[tuple[Descriptor, Path]],
+                         meter: _Meter) -> list[tuple[str, Blob]]:
+    with store.temp() as temp:
+        temp.write(raw)
+        temp.finish()
+        files = [("manifest", store.commit(temp))]
+    meter(len(raw))
+    for d, path in sources:
+        try:
+            blob = store.ingest_copy(path, expected=d.digest, progress=meter)
+        except ChecksumError as exc:
+            raise ChecksumError(str(path), exc.expected, exc.actual) from None
+        files.append((_ollama_blob_name(d.digest), blob))
+    return files
+
+
+def _ollama_blob_name(digest: Digest) -> str:
+    return f"blobs/sha256-{digest.hex}"
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise ImportRejected(f"{path}: larger than {limit} bytes")
+    return raw
+
+
+def _fingerprints(path: Path, listing: Sequence[FolderFile] | None) -> list[tuple[str, int, int, int]]:
+    """(path, inode, size, mtime) of a file, or of every file of a folder listing and of the folders holding them.
+
+    A folder's mtime moves when a name is added to it or removed from it, so
+    comparing these before and after proves the listing still holds without
+    walking the folder again.
+    """
+    if listing is None:
+        st = path.stat()
+        return [(str(path), st.st_ino, st.st_size, st.st_mtime_ns)]
+    found = []
+    for f in listing:
+        st = f.path.stat()
+        found.append((str(f.path), st.st_ino, st.st_size, st.st_mtime_ns))
+    folders = {path} | {path.joinpath(*parent) for f in listing for parent in _parents(f.rel)}
+    for d in sorted(folders):
+        st = d.stat()
+        found.append((str(d), st.st_ino, 0, st.st_mtime_ns))
+    return found
+
+
+def _parents(rel: str) -> list[tuple[str, ...]]:
+    parts = rel.split("/")[:-1]
+    return [tuple(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _ingest_folder(store: BlobStore, folder: Path, listing: Sequence[FolderFile], move: bool,
+                   meter: _Meter) -> tuple[list[tuple[str, Blob]], Blob]:
+    """Store every file of a folder, then a manifest naming them; the manifest's digest is the artifact's."""
+    if not listing:
+        raise InvalidInput(f"{folder}: the folder holds no files")
+    ingest = store.ingest_link if move else store.ingest_copy
+    files = [(f.rel, ingest(f.path, None, meter)) for f in listing]
+    document = {
+        "media_type": MANIFEST_MEDIA_TYPE,
+        "files": [{"path": path, "digest": str(b.digest), "size": b.size} for path, b in files],
+    }
+    with store.temp() as temp:
+        temp.write(json.dumps(document, sort_keys=True, separators=(",", ":")).encode())
+        temp.finish()
+        manifest = store.commit(temp)
+    return files, manifest
