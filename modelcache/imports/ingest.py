@@ -8,8 +8,9 @@ register step, after the registry commit. A folder is listed once, by
 :func:`~modelcache.formats.folder_files`, and that listing serves type
 detection, header reading, fingerprints and the ingest alike.
 
-Progress is reported as ``progress(bytes done, bytes in all)`` from the
-hashing thread; ``bytes in all`` is None for a stream of unknown length.
+Progress is reported as ``progress(bytes done, bytes in all)`` after each
+chunk, from the hashing thread (or the event loop, for a stream): keep it
+cheap. ``bytes in all`` is None for a stream of unknown length.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .request import ImportRequest
 
 MANIFEST_MEDIA_TYPE = "application/vnd.modelcache.artifact.v1+json"
 
-Progress = Callable[[int, "int | None"], object]
+Progress = Callable[[int, int | None], object]
 
 
 @dataclass
