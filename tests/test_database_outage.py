@@ -169,8 +169,7 @@ def test_killed_embedded_postgresql_is_restarted_and_the_catalog_reloads(serve, 
     content, digest, admin, reader = imported
     postmaster = serve.postmaster()
     killed_at = time.monotonic()
-    postmaster.kill()
-    postmaster.wait(10)
+    postmaster.kill()  # not waited for: until init reaps it, it is a zombie that looks alive
     took = serve.wait_for("/readyz", 200, within=30)
     print(f"ready again {time.monotonic() - killed_at:.1f}s after kill -9 ({took:.1f}s of polling)")
     assert serve.postmaster().pid != postmaster.pid

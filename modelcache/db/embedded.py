@@ -60,7 +60,10 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         """Leave the postmaster; it stops when no other modelcache process uses it. Blocking."""
         if self._server is not None:
-            self._server.cleanup()
+            try:
+                self._server.cleanup()
+            except psutil.NoSuchProcess as exc:  # it died and was not restarted (stopping mid-backoff)
+                logger.warning("embedded PostgreSQL in %s was already gone: %s", self.pgdata, exc)
             self._server = None
 
     def death(self) -> str | None:
@@ -90,6 +93,12 @@ class EmbeddedPostgres:
                 server.ensure_postgres_running()
         except Exception as exc:  # pgserver raises plain exceptions with the server log
             raise DatabaseUnavailable(f"embedded PostgreSQL in {self.pgdata} did not start: {exc}") from exc
+        reason = self.death()
+        if reason is not None:
+            # A killed postmaster stays a zombie until its parent (init) reaps it; pgserver and
+            # PostgreSQL itself (which checks postmaster.pid with kill(pid, 0)) take it for running.
+            raise DatabaseUnavailable(f"embedded PostgreSQL in {self.pgdata} not started yet: {reason}, "
+                                      "and its process is not reaped yet")
         dsn = server.get_uri(DBNAME)
         if dsn != self.dsn:
             logger.warning("embedded PostgreSQL in %s came back at %s, not %s", self.pgdata, dsn, self.dsn)
@@ -118,7 +127,7 @@ class EmbeddedPostgres:
                 # not cancellable once started: stop() waits for it rather than racing it
                 await asyncio.to_thread(self.restart)
             except DatabaseUnavailable as exc:
-                logger.error("%s; next attempt in %gs", exc.detail.splitlines()[0], delay)
+                logger.warning("%s; next attempt in %gs", exc.detail.splitlines()[0], delay)
                 continue
             logger.info("embedded PostgreSQL in %s restarted after %d attempt(s)", self.pgdata, attempt)
             attempt, delay = 0, first_delay
