@@ -54,14 +54,29 @@ class Subject:
     def __str__(self) -> str:
         return f"{self.type}:{self.id}" if self.id else self.type
 
+    def withheld(self, state: str) -> str | None:
+        """Why this subject may not have content in ``state``, or None if it may: the one rule for every
+        protocol. ``state`` is an artifact's (a blob is ``promoted`` when a promoted artifact holds it,
+        else ``staged``); staged content is for those who manage content, never for nodes."""
+        if state == "promoted":
+            return None
+        if state == "staged":
+            if self.role is not None and self.role.sees_staged:
+                return None
+            return "is staged, not promoted: only admins and operators may read it"
+        if state == "evicted":
+            return "was evicted from the cache"
+        return f"is {state}: it failed verification and is not served"
+
 
 SYNCD = Subject("syncd", "syncd", Role.OPERATOR)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+TOKEN_NAME_PATTERN = f"^{_NAME.pattern}$"  # the same rule, for JSON schema
 
 
 def parse_token_name(text: str) -> str:
-    if not _NAME.fullmatch(text):
+    if not isinstance(text, str) or not _NAME.fullmatch(text):
         raise InvalidInput(f"invalid token name {text!r}: use 1-128 of A-Z a-z 0-9 . _ @ -, starting alphanumeric")
     return text
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .errors import InvalidInput
 
 _SHA256 = re.compile(r"sha256:([0-9a-f]{64})")
+SHA256_PATTERN = r"^sha256:[0-9a-f]{64}$"  # the same rule, for JSON schema
 
 
 @dataclass(frozen=True, slots=True)

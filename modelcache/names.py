@@ -8,6 +8,8 @@ from .errors import InvalidInput
 
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")
+MODEL_PATTERN = f"^{_MODEL.pattern}$"  # the same rules, for JSON schema
+VERSION_PATTERN = f"^{_VERSION.pattern}$"
 
 
 def parse_model_name(text: str, what: str = "model name") -> str:

@@ -19,7 +19,7 @@ from .oci import routes as oci
 from .v1 import admin, api, imports, openapi, registry  # noqa: F401 - the API modules declare endpoints
 from .catalog import Catalog
 from .keys import CATALOG, DATABASE, METRICS, OPENAPI, SETTINGS, STORE
-from .errors import problems_middleware
+from .errors import errors_middleware
 from .metrics import Metrics, count_requests, serve_metrics
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ DIGEST_PATTERN = "{digest:[^/]+}"
 
 def create_app(settings: Settings, db: Database) -> web.Application:
     """Assemble the server around an open, migrated database."""
-    app = web.Application(middlewares=[count_requests, problems_middleware], client_max_size=1 << 20)
+    app = web.Application(middlewares=[count_requests, errors_middleware], client_max_size=1 << 20)
     app[SETTINGS] = settings
     app[DATABASE] = db
     app[STORE] = BlobStore(settings.data_dir)

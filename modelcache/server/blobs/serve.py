@@ -32,8 +32,9 @@ def servable(digest: Digest, entry: BlobEntry | None, subject: Subject) -> BlobE
         raise NotFound(f"blob {digest} is not in the cache")
     if entry.state == "quarantined":
         raise NotFound(f"blob {digest} is quarantined: it failed verification and is not served")
-    if not entry.promoted and (subject.role is None or not subject.role.sees_staged):
-        raise Forbidden(f"blob {digest} is staged, not promoted: only admins and operators may read it")
+    reason = subject.withheld("promoted" if entry.promoted else "staged")
+    if reason is not None:
+        raise Forbidden(f"blob {digest} {reason}")
     return entry
 
 

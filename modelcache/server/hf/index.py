@@ -19,7 +19,6 @@ metadata endpoints never wait on the database.
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 import hashlib
 import logging
@@ -195,15 +194,7 @@ class HfRevision:
 
     def hidden_from(self, subject: Subject) -> str | None:
         """Why this subject may not have this revision, or None if it may."""
-        if self.state == "promoted":
-            return None
-        if self.state == "staged":
-            if subject.role is not None and subject.role.sees_staged:
-                return None
-            return "is staged, not promoted: only admins and operators may read it"
-        if self.state == "evicted":
-            return "was evicted from the cache"
-        return f"is {self.state}: it failed verification and is not served"
+        return subject.withheld(self.state)
 
     def file(self, path: RepoPath, repo: "HfRepo") -> HfFile:
         found = self.by_path.get(path.text)
@@ -225,13 +216,6 @@ class HfRevision:
                 found.append(entry)
         found.sort(key=lambda e: e.path)
         return found
-
-
-def page_after(entries: list[HfFile | HfFolder], after: str | None, limit: int) -> tuple[list, bool]:
-    """At most ``limit`` entries whose path sorts after ``after``, and whether more follow."""
-    start = 0 if after is None else bisect.bisect_right([e.path for e in entries], after)
-    chosen = entries[start:start + limit]
-    return chosen, start + limit < len(entries)
 
 
 @dataclass(frozen=True)

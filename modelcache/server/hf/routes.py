@@ -15,11 +15,11 @@ described in ``index.py``. Every answer comes from memory (the index and the blo
 HEAD never waits on the database; bytes go through :func:`~.blobs.send_blob`, with the same
 promotion rules as ``/v1/blobs`` (:func:`~.blobs.servable`) and the same last-access bookkeeping.
 
-Errors are answered the Hub's way here, not as problem+json by the middleware, because the client
-tells them apart only by ``X-Error-Code`` and shows ``X-Error-Message``; an ``EntryNotFound`` carries
-``X-Repo-Commit`` so the client can remember the file as missing (transformers probes many optional
-files). No ``X-Xet-*`` header, ``Link rel="xet-auth"`` or ``xetHash`` is ever sent: any of them
-would send the client to Xet storage on the internet, around the cache.
+Errors are answered the Hub's way (this module's renderer, mounted on the one error middleware in
+``server/errors.py``), because the client tells them apart only by ``X-Error-Code`` and shows
+``X-Error-Message``; an ``EntryNotFound`` carries ``X-Repo-Commit`` so the client can remember the file as
+missing (transformers probes many optional files). No ``X-Xet-*`` header, ``Link rel="xet-auth"`` or
+``xetHash`` is ever sent: any of them would send the client to Xet storage on the internet, around the cache.
 """
 
 from __future__ import annotations
@@ -29,18 +29,20 @@ import binascii
 import datetime as dt
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Mapping
+from typing import AsyncIterator, Mapping
 
 from aiohttp import web
 from yarl import URL
 
 from ...auth import Subject
-from ...errors import DatabaseUnavailable, InvalidInput, ModelcacheError, Unauthorized
+from ...errors import InvalidInput, ModelcacheError
 from ..auth import authenticate
 from ..blobs.serve import CACHE_CONTROL, send_blob, servable
-from .index import (MAIN, HfFile, HfFolder, HfIndex, HfNotFound, HfRepo, HfRevision, RepoId, RepoPath, Revision,
-                       page_after)
-from ..keys import CATALOG, DATABASE, DIGEST, HF_INDEX, SETTINGS
+from ..errors import Renderer, header_text, mount
+from ..paging import page_after, parse_count
+from ..urls import public_base
+from .index import MAIN, HfFile, HfFolder, HfIndex, HfNotFound, HfRepo, HfRevision, RepoId, RepoPath, Revision
+from ..keys import CATALOG, DATABASE, DIGEST, HF_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +54,17 @@ def setup(app: web.Application) -> None:
     """Mount the mirror: its index (started and stopped with the app) and its routes."""
     app[HF_INDEX] = HfIndex(app[DATABASE])
     app.cleanup_ctx.append(_index_ctx)
+    mount(app, "/hf", RENDERER)
     # first: ``solo/refs`` is the refs of the vendorless ``solo``, not the model ``refs`` of vendor ``solo``
     for repo in ("{vendor}/{name}", "{name}"):
-        app.router.add_get(f"/hf/api/models/{repo}/refs", _answered(refs))
+        app.router.add_get(f"/hf/api/models/{repo}/refs", refs)
     for repo in ("{vendor}/{name}", "{name}"):
-        app.router.add_get(f"/hf/api/models/{repo}", _answered(model_info))
-        app.router.add_get(f"/hf/api/models/{repo}/revision/{{revision}}", _answered(model_info))
-        app.router.add_get(f"/hf/api/models/{repo}/tree/{{revision}}", _answered(tree))
-        app.router.add_get(f"/hf/api/models/{repo}/tree/{{revision}}/{{path:.+}}", _answered(tree))
+        app.router.add_get(f"/hf/api/models/{repo}", model_info)
+        app.router.add_get(f"/hf/api/models/{repo}/revision/{{revision}}", model_info)
+        app.router.add_get(f"/hf/api/models/{repo}/tree/{{revision}}", tree)
+        app.router.add_get(f"/hf/api/models/{repo}/tree/{{revision}}/{{path:.+}}", tree)
     for repo in ("{vendor}/{name}", "{name}"):
-        app.router.add_get(f"/hf/{repo}/resolve/{{revision}}/{{path:.+}}", _answered(resolve))  # HEAD too
+        app.router.add_get(f"/hf/{repo}/resolve/{{revision}}/{{path:.+}}", resolve)  # HEAD too
 
 
 async def _index_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -106,7 +109,7 @@ async def tree(request: web.Request) -> web.StreamResponse:
     query = TreeQuery.parse(request.query)
     repo, revision = asked.find(request.app[HF_INDEX])
     entries = revision.entries(under, query.recursive)
-    page, more = page_after(entries, query.after, query.limit)
+    page, more = page_after(entries, _path, query.after, query.limit)
     headers = {}
     if more:
         headers["Link"] = f'<{_next_page(request, repo, revision, under, query, page[-1].path)}>; rel="next"'
@@ -167,11 +170,13 @@ class TreeQuery:
         ``limit`` and ``cursor``; other parameters the Hub knows are ignored as the Hub does."""
         _flag(query, "expand")
         limit = query.get("limit")
-        if limit is not None and not (limit.isdigit() and 1 <= int(limit) <= PAGE_LIMIT):
-            raise InvalidInput(f"invalid limit {limit[:20]!r}: expected an integer from 1 to {PAGE_LIMIT}")
         cursor = query.get("cursor")
-        return cls(_flag(query, "recursive"), int(limit) if limit else PAGE_LIMIT,
+        return cls(_flag(query, "recursive"), parse_count(limit, "limit", 1, PAGE_LIMIT) if limit else PAGE_LIMIT,
                    _decode_cursor(cursor) if cursor else None)
+
+
+def _path(entry: HfFile | HfFolder) -> str:
+    return entry.path
 
 
 def _flag(query: Mapping[str, str], name: str) -> bool:
@@ -194,14 +199,12 @@ def _decode_cursor(cursor: str) -> str:
 
 def _next_page(request: web.Request, repo: HfRepo, revision: HfRevision, under: RepoPath | None,
                query: TreeQuery, last: str) -> str:
-    # absolute: the client requests the Link as given; public_url when a proxy fronts the cache
-    public = request.app[SETTINGS].server.public_url
-    origin = URL(public).origin() if public else request.url.origin()
+    # absolute: the client requests the Link as given
     path = f"/hf/api/models/{repo.repo_id}/tree/{revision.commit}" + (f"/{under}" if under else "")
     params = {"recursive": "true" if query.recursive else "false", "cursor": _encode_cursor(last)}
     if query.limit != PAGE_LIMIT:
         params["limit"] = str(query.limit)
-    return str(origin.with_path(path).with_query(params))
+    return str(URL(public_base(request) + path).with_query(params))
 
 
 # -- JSON shapes the client reads -------------------------------------------------
@@ -243,33 +246,15 @@ def _timestamp(at: dt.datetime) -> str:
 # -- errors, the Hub's way ----------------------------------------------------------
 
 
-def _answered(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    async def handle(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ModelcacheError as exc:
-            return _error(request, exc)
-
-    handle.__name__ = handler.__name__
-    return handle
-
-
-def _error(request: web.Request, exc: ModelcacheError) -> web.StreamResponse:
-    headers = {"X-Error-Message": _header_text(exc.detail)}
+def _error(request: web.Request, exc: ModelcacheError) -> web.Response:
+    """The client tells errors apart only by ``X-Error-Code`` and shows ``X-Error-Message``; an
+    ``EntryNotFound`` carries ``X-Repo-Commit`` so the client can remember the file as missing."""
+    headers = {"X-Error-Message": header_text(exc.detail)}
     if isinstance(exc, HfNotFound):
         headers["X-Error-Code"] = exc.code
         if exc.commit:
             headers["X-Repo-Commit"] = exc.commit
-    if isinstance(exc, Unauthorized):
-        headers["WWW-Authenticate"] = 'Bearer realm="modelcache"'
-    if exc.status >= 500:
-        log = logger.warning if isinstance(exc, DatabaseUnavailable) else logger.error
-        log("%s %s failed: %s", request.method, request.path, exc.detail)
-    if request.method == "HEAD":
-        return web.Response(status=exc.status, headers=headers)
     return web.json_response({"error": exc.detail}, status=exc.status, headers=headers)
 
 
-def _header_text(text: str) -> str:
-    """A header value: one line of ASCII (names from requests may hold anything)."""
-    return " ".join(text.encode("ascii", "backslashreplace").decode().split())
+RENDERER = Renderer(_error, lambda request: ['Bearer realm="modelcache"'])

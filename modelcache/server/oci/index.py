@@ -134,10 +134,6 @@ class OciRepo:
     artifacts: tuple[OciArtifact, ...]
 
 
-def sees_staged(subject: Subject) -> bool:
-    return subject.role is not None and subject.role.sees_staged
-
-
 class OciIndex:
     """Repositories by name, answered from memory; see the module's docstring for how it stays current."""
 
@@ -237,16 +233,16 @@ class OciIndex:
 
 
 def _visible(artifact: OciArtifact, subject: Subject) -> bool:
-    return bool(artifact.manifests) and (artifact.state == "promoted"
-                                         or artifact.state == "staged" and sees_staged(subject))
+    return bool(artifact.manifests) and subject.withheld(artifact.state) is None
 
 
 def _pick(artifacts: list[OciArtifact], subject: Subject, what: str) -> OciArtifact:
     """The artifact to serve: ollama before gguf, promoted before staged, newest first."""
     candidates = [a for a in artifacts if _visible(a, subject)]
     if not candidates:
-        if any(a.state == "staged" and a.manifests for a in artifacts):
-            raise Forbidden(f"{what} is staged, not promoted: only admins and operators may read it")
+        staged = next((a for a in artifacts if a.state == "staged" and a.manifests), None)
+        if staged is not None:
+            raise Forbidden(f"{what} {subject.withheld(staged.state)}")
         states = sorted({a.state for a in artifacts})
         raise ManifestUnknown(f"no manifest {what}" + (f": its artifact is {', '.join(states)}" if states else ""))
     return min(candidates, key=lambda a: (a.artifact_type != "ollama", a.state != "promoted"))

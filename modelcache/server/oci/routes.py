@@ -12,7 +12,8 @@ Endpoints (``GET`` and ``HEAD``; anything else is 405 ``UNSUPPORTED``, this regi
 Manifests, tags and the catalog are answered from memory (``index.py``): a
 GET writes nothing and waits on no database.
 
-Errors are OCI error bodies, ``{"errors": [{"code", "message", "detail"}]}``.
+Errors are OCI error bodies, ``{"errors": [{"code", "message", "detail"}]}`` (this module's renderer on the one
+error middleware, ``server/errors.py``).
 
 Auth is /v1's (a Bearer token, or an anonymous client on a trusted network)
 plus HTTP Basic with the token as password. A 401 offers two challenges,
@@ -46,7 +47,6 @@ import logging
 from typing import AsyncIterator, Callable
 
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 from ...auth import Subject
@@ -56,9 +56,12 @@ from ...formats.ollama import OCI_MANIFEST
 from ...manifests import derive_missing
 from ..auth import authenticate, basic_password, token_subject
 from ..blobs.serve import send_blob, servable
-from ..keys import CATALOG, DATABASE, DIGEST, OCI_INDEX, SETTINGS, SIGNER, STORE
-from .index import ManifestUnknown, OciIndex, Repository, is_tag
 from ..blobs.signing import UrlSigner
+from ..errors import Renderer, mount
+from ..keys import CATALOG, DATABASE, DIGEST, OCI_INDEX, SETTINGS, SIGNER, STORE
+from ..paging import page_after, parse_count
+from ..urls import public_base
+from .index import ManifestUnknown, OciIndex, Repository, is_tag
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +104,7 @@ def setup(app: web.Application) -> None:
     app[OCI_INDEX] = OciIndex(app[DATABASE], app[STORE])
     app.cleanup_ctx.append(_signer_ctx)
     app.cleanup_ctx.append(_index_ctx)
+    mount(app, "/v2", RENDERER)
     app.router.add_route("*", "/v2", handle)
     app.router.add_route("*", "/v2/{tail:.*}", handle)
 
@@ -137,33 +141,31 @@ def _code(exc: ModelcacheError) -> str:
     return "UNKNOWN"
 
 
-def error_response(request: web.Request, exc: ModelcacheError) -> web.Response:
-    """An OCI error body (none for HEAD); a 401 carries the challenges registry clients answer."""
-    headers = CIMultiDict(API_VERSION)
-    if isinstance(exc, Unauthorized):
-        realm = f"{request.scheme}://{request.host}/v2/token"  # Ollama wants the realm on the host it asked
-        headers.add("WWW-Authenticate", f'Bearer realm="{realm}",service="{SERVICE}"')
-        headers.add("WWW-Authenticate", f'Basic realm="{SERVICE}", charset="UTF-8"')
-    if exc.status >= 500:
-        logger.error("%s %s failed: %s", request.method, request.path, exc.detail)
-    if request.method == "HEAD":
-        return web.Response(status=exc.status, headers=headers)
+def _error(request: web.Request, exc: ModelcacheError) -> web.Response:
+    """An OCI error body, ``{"errors": [{"code", "message", "detail"}]}``."""
     body = {"errors": [{"code": _code(exc), "message": exc.title, "detail": exc.detail}]}
     return web.Response(status=exc.status, text=json.dumps(body), content_type="application/json",
-                        headers=headers)
+                        headers=API_VERSION)
+
+
+def _challenges(request: web.Request) -> list[str]:
+    """What registry clients answer a 401 with: the Bearer realm first (Ollama, containers/image,
+    containerd, oras fetch it), then Basic (clients that only speak Basic)."""
+    realm = f"{public_base(request)}/v2/token"
+    return [f'Bearer realm="{realm}",service="{SERVICE}"', f'Basic realm="{SERVICE}", charset="UTF-8"']
+
+
+RENDERER = Renderer(_error, _challenges)
 
 
 # -- routing ------------------------------------------------------------------------
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    try:
-        if request.method not in ("GET", "HEAD"):
-            raise Unsupported(f"{request.method} {request.path}: this registry is pull-only; "
-                              "import models with modelcache import or the import folder")
-        return await _route(request, request.match_info.get("tail", ""))
-    except ModelcacheError as exc:
-        return error_response(request, exc)
+    if request.method not in ("GET", "HEAD"):
+        raise Unsupported(f"{request.method} {request.path}: this registry is pull-only; "
+                          "import models with modelcache import or the import folder")
+    return await _route(request, request.match_info.get("tail", ""))
 
 
 async def _route(request: web.Request, tail: str) -> web.StreamResponse:
@@ -334,8 +336,7 @@ def _blob_subject(request: web.Request, digest: Digest) -> Subject:
 
 def _direct_url(request: web.Request, digest: Digest, subject: Subject) -> str:
     """Where Ollama fetches the parts from, without credentials: this URL, signed for a token holder."""
-    base = request.app[SETTINGS].server.public_url.rstrip("/") or f"{request.scheme}://{request.host}"
-    url = URL(base + request.rel_url.raw_path, encoded=True)
+    url = URL(public_base(request) + request.rel_url.raw_path, encoded=True)
     if subject.type == "token" and subject.id:
         url = url.with_query(request.app[SIGNER].sign(digest, subject.id))
     return str(url)
@@ -370,14 +371,14 @@ def _paging(request: web.Request) -> tuple[int | None, str | None]:
     if unknown:
         raise BadParameter(f"unknown query parameter {unknown[0]!r}: lists take n and last")
     n = request.query.get("n")
-    if n is not None and not n.isdigit():
-        raise BadParameter(f"invalid n {n[:40]!r}: expected a non-negative integer")
-    return (min(int(n), MAX_PAGE) if n is not None else None), request.query.get("last")
+    try:  # a larger n is answered with at most MAX_PAGE, as the spec allows
+        count = min(parse_count(n, "n", 0, 999_999_999), MAX_PAGE) if n is not None else None
+    except InvalidInput as exc:
+        raise BadParameter(exc.detail) from None
+    return count, request.query.get("last")
 
 
 def _page(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
     """Sorted ``items`` after ``last`` (exclusive), at most ``n``; and whether more follow."""
-    rest = [i for i in items if last is None or i > last]
-    if n is None:
-        return rest, False
-    return rest[:n], n > 0 and len(rest) > n
+    page, more = page_after(items, str, last, n)
+    return page, more and n != 0

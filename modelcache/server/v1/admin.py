@@ -12,6 +12,7 @@ from ... import preferences, tokens
 from ...auth import Role
 from ...db import audit
 from .api import ADMINS, ALL_ROLES, MANAGERS, Call, Query, Strict, endpoint
+from .types import Limit, TokenName
 
 READERS = ALL_ROLES - {Role.NODE}
 
@@ -59,7 +60,7 @@ async def set_preference(call: Call) -> PreferenceOut:
 
 
 class TokenCreate(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+    name: TokenName
     role: Role
     node_id: uuid.UUID | None = None
     expires_in: str | None = Field(None, pattern=r"^[0-9]{1,9}[smhdw]$", description="e.g. 12h, 30d")
@@ -114,7 +115,7 @@ async def revoke_token(call: Call) -> TokenOut:
 
 
 class AuditQuery(Query):
-    limit: int = Field(50, ge=1, le=200)
+    limit: Limit = 50
     cursor: str | None = Field(None, max_length=200)
     action: str | None = Field(None, pattern=r"^[a-z_]+\.[a-z_]+$")
     subject: str | None = Field(None, max_length=200, description="token:<name>, local:<user>, or a name")

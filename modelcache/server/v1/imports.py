@@ -12,18 +12,17 @@ from ...errors import InvalidInput
 from ...imports import ImportRequest, import_stream
 from .api import MANAGERS, Call, Query, endpoint
 from ..keys import STORE
-from .registry import NAME, VERSION, ArtifactOut, artifact_out
+from .registry import ArtifactOut, artifact_out
+from .types import ArtifactType, DigestText, FileName, ModelName, Version
 
 
 class UploadQuery(Query):
-    model: str = Field(pattern=NAME)
-    version: str = Field(pattern=VERSION)
-    vendor: str | None = Field(None, pattern=NAME)
-    type: str | None = Field(None, pattern="^(gguf|safetensors|ollama)$",
-                             description="read from the content when absent")
-    sha256: str | None = Field(None, pattern="^sha256:[0-9a-f]{64}$",
-                               description="expected digest; a mismatch is a 422 and nothing is kept")
-    filename: str | None = Field(None, pattern=r"^[^/\x00]{1,255}$", description="the file's name, for the record")
+    model: ModelName
+    version: Version
+    vendor: ModelName | None = None
+    type: ArtifactType | None = Field(None, description="read from the content when absent")
+    sha256: DigestText | None = Field(None, description="expected digest; a mismatch is a 422 and nothing is kept")
+    filename: FileName | None = Field(None, description="the file's name, for the record")
 
 
 @endpoint("POST", "/v1/imports", summary="Upload a file as an artifact (application/octet-stream body)",

@@ -13,17 +13,16 @@ from ...auth import Role
 from ...db import artifacts as artifact_rows, audit, models
 from ...errors import NotFound
 from .api import ALL_ROLES, MANAGERS, Call, Query, Strict, endpoint
+from .types import ArtifactType, DigestText, Limit, ModelName, Version
 from ...manifests import derive_version
 from ..keys import CATALOG, STORE
 
 READERS = ALL_ROLES - {Role.NODE}
 
-NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-VERSION = r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$"
 
 
 class Paging(Query):
-    limit: int = Field(50, ge=1, le=200)
+    limit: Limit = 50
     cursor: str | None = Field(None, max_length=200)
 
 
@@ -132,8 +131,8 @@ def _uuid(call: Call, name: str) -> uuid.UUID:
 
 
 class ModelQuery(Paging):
-    name: str | None = Field(None, pattern=NAME)
-    vendor: str | None = Field(None, pattern=NAME)
+    name: ModelName | None = None
+    vendor: ModelName | None = None
 
 
 @endpoint("GET", "/v1/models", summary="List models", roles=READERS, action="model.list", query=ModelQuery,
@@ -161,9 +160,9 @@ async def get_model(call: Call) -> ModelOut:
 
 class VersionQuery(Paging):
     model_id: uuid.UUID | None = None
-    model: str | None = Field(None, pattern=NAME)
-    vendor: str | None = Field(None, pattern=NAME)
-    version: str | None = Field(None, pattern=VERSION)
+    model: ModelName | None = None
+    vendor: ModelName | None = None
+    version: Version | None = None
     min_context_length: int | None = Field(None, ge=0, description="capabilities.context_length at least this")
     tool_use: bool | None = None
     vision: bool | None = None
@@ -235,13 +234,13 @@ async def patch_version(call: Call) -> VersionOut:
 
 
 class ArtifactQuery(Paging):
-    model: str | None = Field(None, pattern=NAME)
-    vendor: str | None = Field(None, pattern=NAME)
-    version: str | None = Field(None, pattern=VERSION)
+    model: ModelName | None = None
+    vendor: ModelName | None = None
+    version: Version | None = None
     model_version_id: uuid.UUID | None = None
-    type: str | None = Field(None, pattern="^(gguf|safetensors|ollama)$")
+    type: ArtifactType | None = None
     state: str | None = Field(None, pattern="^(staged|promoted|evicted|quarantined)$")
-    digest: str | None = Field(None, pattern="^sha256:[0-9a-f]{64}$")
+    digest: DigestText | None = None
     pinned: bool | None = None
 
 
