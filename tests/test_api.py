@@ -84,6 +84,10 @@ async def test_no_token_is_401_and_audited(api):
     ("PUT", "/v1/preferences/models.cache.max_bytes", {"json": {"value": 1, "expected_version": "1"}}, 422,
      "field 'expected_version'"),
     ("GET", "/v1/models?limit=0", {}, 422, "query parameter 'limit'"),
+    ("GET", "/v1/models?limit=%D9%A1", {}, 422, "query parameter 'limit'"),  # Arabic-Indic one
+    ("GET", "/v1/audit?limit=" + "9" * 4000, {}, 422, "query parameter 'limit'"),
+    ("POST", "/v1/imports?model=m&version=1&filename=a%0Db.gguf", {"data": b"x"}, 422, "query parameter 'filename'"),
+    ("POST", "/v1/imports?model=m%0A&version=1", {"data": b"x"}, 422, "query parameter 'model'"),
     ("GET", "/v1/models?colour=red", {}, 422, "query parameter 'colour': unknown"),
     ("GET", "/v1/models?cursor=garbage", {}, 400, "invalid cursor"),
     ("GET", "/v1/artifacts/not-an-id", {}, 400, "invalid artifact reference"),

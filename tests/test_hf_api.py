@@ -435,3 +435,12 @@ def write_snapshot(root: Path, files: dict[str, bytes]) -> Path:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     return root
+
+
+@pytest.mark.parametrize("limit", ["0", "1001", "%C2%B2", "%D9%A1", "9" * 4000, "two"])
+async def test_tree_limits_are_ascii_counts_in_range(server, http, make_repo, make_token, limit):
+    await make_repo("1")
+    url = URL(hf_url(server, f"api/models/{REPO}/tree/main?limit={limit}"), encoded=True)
+    async with http.get(url, headers=bearer(await make_token("node"))) as r:
+        assert r.status == 400
+        assert "invalid limit" in r.headers["X-Error-Message"]

@@ -232,6 +232,8 @@ async def test_by_digest_the_docker_manifest_is_served_to_an_oci_only_accept(ser
     ("/v2/meta/tinyllama/blobs/uploads/", 404, "BLOB_UPLOAD_UNKNOWN"),
     ("/v2/meta/tinyllama/tags/list?n=-1", 400, "UNSUPPORTED"),
     ("/v2/meta/tinyllama/tags/list?n=many", 400, "UNSUPPORTED"),
+    ("/v2/meta/tinyllama/tags/list?n=%C2%B2", 400, "UNSUPPORTED"),  # '²' is a digit to str.isdigit
+    ("/v2/_catalog?n=" + "9" * 4000, 400, "UNSUPPORTED"),
     ("/v2/meta/tinyllama", 404, "UNSUPPORTED"),
 ])
 async def test_names_tags_and_digests_are_validated_with_oci_error_codes(server, http, make_token, tinyllama,
