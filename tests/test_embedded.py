@@ -1,6 +1,7 @@
 """The embedded PostgreSQL: started under the data dir, shared with CLI verbs, reused, stopped on exit."""
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -96,7 +97,8 @@ def test_serve_with_embedded_postgres_shares_reuses_and_stops_it(tmp_path, make_
     try:
         wait_ready(port, proc)
         done = run_cli("db", "status", "--data-dir", str(data))
-        assert "database: 1; code: 1" in done.stdout
+        state = re.match(r"database: (\d+); code: (\d+); pending: 0$", done.stdout.splitlines()[0])
+        assert state and state.group(1) == state.group(2), done.stdout
     finally:
         stop(proc)
 
