@@ -353,7 +353,7 @@ async def test_a_file_that_changes_while_it_is_hashed_is_imported_as_it_ends_up(
     with open(path, "wb") as f:
         f.write(header)
         f.truncate(len(header) + n_floats * 4)
-    await eventually(lambda: any(daemon.store.tmp_dir.iterdir()), timeout=15)  # linked into tmp/, hashing
+    await eventually(lambda: any(daemon.store.tmp_dir.glob("*.partial")), timeout=15)  # linked into tmp/, hashing
     with open(path, "ab") as f:
         f.write(b"appended while it was being hashed")
     [row] = await eventually(lambda: artifacts(db), timeout=30)
