@@ -88,6 +88,8 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         if exc.status < 400:
             raise
         error = HttpError(exc.status, exc.reason, exc.text or exc.reason)
+    except ConnectionError:  # the client is gone: there is no one to answer
+        raise
     except Exception:
         logger.exception("%s %s failed with an unexpected error", request.method, request.path)
         error = InternalError(f"{request.method} {request.path} failed with an unexpected error; "
