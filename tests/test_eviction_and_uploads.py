@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from conftest import run_cli
+from conftest import gguf_bytes, run_cli
 from modelcache.digest import Digest
 
 pytestmark = pytest.mark.registry
@@ -108,11 +108,11 @@ async def test_policy_none_refuses_new_content_when_full(db, make_file, make_art
                    "--data-dir", str(settings.data_dir))
     assert done.returncode == 1
     assert "eviction policy is 'none'" in done.stderr and "do not fit" in done.stderr
-    assert list((settings.data_dir / "tmp").iterdir()) == []
+    assert not any(p.is_file() for p in (settings.data_dir / "tmp").rglob("*"))
 
 
 async def test_upload_streams_hashes_and_registers(server, http, make_token, store, db):
-    data = b"GGUF" + os.urandom(8 << 20)
+    data = gguf_bytes(n_floats=2 << 20)  # 8 MiB of tensor data behind a valid header
     async with http.post(str(server.make_url("/v1/imports")),
                          params={"model": "up", "version": "1", "filename": "up.gguf",
                                  "sha256": "sha256:" + hashlib.sha256(data).hexdigest()},
@@ -128,17 +128,17 @@ async def test_upload_with_a_wrong_digest_keeps_nothing(server, http, make_token
     wrong = "sha256:" + "0" * 64
     async with http.post(str(server.make_url("/v1/imports")), params={"model": "up", "version": "1",
                                                                        "sha256": wrong},
-                         data=b"GGUF" + os.urandom(1000), headers=bearer(await make_token("operator"))) as r:
+                         data=gguf_bytes(), headers=bearer(await make_token("operator"))) as r:
         body = await r.json()
         assert r.status == 422 and body["title"] == "Checksum mismatch" and wrong in body["detail"]
-    assert list(store.tmp_dir.iterdir()) == [] and not any(store.blobs_dir.rglob("*/*"))
+    assert not any(p.is_file() for p in store.tmp_dir.rglob("*")) and not any(store.blobs_dir.rglob("*/*"))
     async with db.connection() as conn:
         cur = await conn.execute("SELECT count(*) AS n FROM model_artifacts")
         assert (await cur.fetchone())["n"] == 0
 
 
 async def test_cli_upload_with_progress(server, make_token, make_file):
-    src = make_file(prefix=b"GGUF", size=3 << 20, name="model.gguf")
+    src = make_file(gguf=True, size=3 << 20, name="model.gguf")
     env = {"MODELCACHE_URL": str(server.make_url("")).rstrip("/"), "MODELCACHE_TOKEN": await make_token()}
     done = await asyncio.to_thread(run_cli, "upload", str(src), "--model", "cli", "--version", "2", env=env)
     assert done.returncode == 0, done.stderr

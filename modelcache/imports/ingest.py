@@ -26,10 +26,10 @@ from .. import eviction
 from ..db.pool import Database
 from ..digest import Digest
 from ..errors import ChecksumError, ImportRejected, InvalidInput, NotFound, SourceChanged
-from ..formats import DOCKER_MANIFEST_V2, FolderFile, detect_type, folder_files, read_capabilities, sniff_file
+from ..formats import DOCKER_MANIFEST_V2, FolderFile, detect_type, folder_files, inspect_content
 from ..formats.ollama import MAX_MANIFEST_BYTES, Descriptor, Manifest, ModelName, ModelsDir, ollama_capabilities
 from ..hashing import CHUNK
-from ..store import Blob, BlobStore
+from ..store import Blob, BlobStore, TempBlob
 from .request import ImportRequest
 
 MANIFEST_MEDIA_TYPE = "application/vnd.modelcache.artifact.v1+json"
@@ -82,12 +82,14 @@ async def ingest_path(db: Database, store: BlobStore, req: ImportRequest, *,
     before = await asyncio.to_thread(_fingerprints, req.path, listing)
     size = sum(size for _, _, size, _ in before)
     await eviction.admit(db, size)
-    artifact_type = req.artifact_type or await asyncio.to_thread(detect_type, req.path, listing)
-    content_caps: dict[str, Any] = {}
     if req.inspect:
         # the headers are read before the bytes are hashed: the files must still be the
         # same ones (inode, size, mtime) once the hash is done, or the header may not be theirs
-        content_caps = await asyncio.to_thread(read_capabilities, req.path, artifact_type, listing)
+        artifact_type, content_caps = await asyncio.to_thread(inspect_content, req.path, req.artifact_type,
+                                                              listing)
+    else:  # a caller that vouches for the content (tests' fixtures): the declared type is taken as given
+        artifact_type = req.artifact_type or await asyncio.to_thread(detect_type, req.path, listing)
+        content_caps = {}
     meter = _Meter(size, progress)
     if listing is not None:
         stored, manifest = await asyncio.to_thread(_ingest_folder, store, req.path, listing, req.move, meter)
@@ -102,17 +104,21 @@ async def ingest_path(db: Database, store: BlobStore, req: ImportRequest, *,
 
 async def ingest_stream(db: Database, store: BlobStore, req: ImportRequest, chunks: AsyncIterator[bytes], *,
                         expected: Digest | None = None, total: int | None = None,
-                        progress: Progress | None = None) -> Ingested:
+                        progress: Progress | None = None, temp: TempBlob | None = None) -> Ingested:
     """Store one file from a stream (an upload, a download), hashing while it is written to ``tmp/``.
 
     Never holds the body in memory; with ``expected``, a mismatch keeps nothing
     (ChecksumError). ``total`` is the announced length, for progress only.
-    ``req.path`` only names the file.
+    ``req.path`` only names the file. ``temp``: a download's resumable partial
+    file, already holding (and having hashed) the bytes before the stream's.
+    The bytes come from outside, so they are always inspected as a path import with
+    ``inspect`` is (:func:`~modelcache.formats.inspect_content`), in ``tmp/`` before the
+    commit: a refused stream keeps nothing.
     """
     started = time.monotonic()
     await eviction.admit(db, total or 0)
     meter = _Meter(total, progress)
-    temp = await asyncio.to_thread(store.temp)
+    temp = temp or await asyncio.to_thread(store.temp)
     try:
         pending = bytearray()
         async for chunk in chunks:
@@ -124,15 +130,15 @@ async def ingest_stream(db: Database, store: BlobStore, req: ImportRequest, chun
         await asyncio.to_thread(temp.write, bytes(pending))
         meter(len(pending))
         await asyncio.to_thread(temp.finish)
-        artifact_type = req.artifact_type or await asyncio.to_thread(sniff_file, temp.path)
-        if artifact_type is None:
-            raise ImportRejected(f"{req.path}: cannot tell the artifact type (not GGUF, safetensors or a "
-                                 "Docker v2 manifest); pass type")
+        if expected is not None and temp.hasher.digest != expected:  # a damaged transfer says so first
+            raise ChecksumError(str(req.path), str(expected), str(temp.hasher.digest))
+        artifact_type, content_caps = await asyncio.to_thread(inspect_content, temp.path, req.artifact_type,
+                                                              None, req.path)
         await eviction.admit(db, temp.hasher.size)
         blob = await asyncio.to_thread(store.commit, temp, expected)
     finally:
         await asyncio.to_thread(temp.discard)
-    return Ingested([(req.path.name, blob)], blob, artifact_type, started=started)
+    return Ingested([(req.path.name, blob)], blob, artifact_type, content_caps, started=started)
 
 
 async def ingest_ollama(db: Database, store: BlobStore, folder: ModelsDir, name: ModelName, *,

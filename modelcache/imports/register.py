@@ -32,14 +32,14 @@ async def register(db: Database, store: BlobStore, req: ImportRequest, ingested:
                    subject: Subject) -> ImportResult:
     """Register what was ingested (the same bytes twice is a no-op), then remove a moved source and enforce eviction."""
     artifact, created = await _record(db, req, ingested, subject)
-    await derive_quietly(db, store, artifact["id"])  # /v2's manifests are made here, not on a pull
+    derived = await derive_quietly(db, store, artifact["id"])  # /v2's manifests are made here, not on a pull
     if req.move:
         await asyncio.to_thread(_remove_source, req.path, [path for path, _ in ingested.files])
     result = ImportResult(
         artifact_id=artifact["id"], digest=ingested.manifest.digest, size=ingested.size,
         artifact_type=ingested.artifact_type, state=artifact["state"], created=created,
         seconds=time.monotonic() - ingested.started, files=[b for _, b in ingested.files],
-        content_capabilities=ingested.content_caps,
+        content_capabilities=ingested.content_caps, derived=derived.digests if derived is not None else (),
     )
     logger.info(
         "%s %s as %s (%s): %s, %d bytes in %.2fs (%.0f MB/s)",

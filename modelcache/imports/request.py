@@ -73,6 +73,14 @@ class ImportResult:
     files: list[Blob] = field(default_factory=list)
     # what the headers told (with inspect), before the user's capabilities were laid over it
     content_capabilities: dict[str, Any] = field(default_factory=dict)
+    # the artifact's .ollama/ blobs made for /v2 at registration (manifests.derive)
+    derived: tuple[str, ...] = ()
+
+    @property
+    def blob_digests(self) -> list[str]:
+        """Every blob the import left servable: its files, its folder manifest and its derived ones."""
+        found = [str(b.digest) for b in self.files] + [str(self.digest), *self.derived]
+        return list(dict.fromkeys(found))
 
     @property
     def mb_per_s(self) -> float:

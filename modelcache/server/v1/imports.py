@@ -11,7 +11,7 @@ from ...digest import Digest
 from ...errors import InvalidInput
 from ...imports import ImportRequest, import_stream
 from .api import MANAGERS, Call, Query, endpoint
-from ..keys import STORE
+from ..keys import CATALOG, STORE
 from .registry import ArtifactOut, artifact_out
 from .types import ArtifactType, DigestText, FileName, ModelName, Version
 
@@ -38,4 +38,5 @@ async def upload(call: Call) -> ArtifactOut:
     expected = Digest.parse(q.sha256) if q.sha256 else None
     result = await import_stream(call.db, request.app[STORE], req, request.content.iter_chunked(1 << 20),
                                  call.subject, expected)
+    await request.app[CATALOG].changed(result.blob_digests)  # served by this server as it answers
     return artifact_out(await artifacts.load(call.db, str(result.artifact_id)))
