@@ -13,9 +13,12 @@ from .errors import Conflict, InvalidInput
 logger = logging.getLogger(__name__)
 
 
-def _number(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError("expected a number of at least 0")
+MAX_BYTES = 2**63 - 1  # what a signed 64-bit byte count (PostgreSQL bigint, a Prometheus sample) holds
+
+
+def _byte_count(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BYTES:
+        raise ValueError(f"expected a number of bytes: an integer from 0 to {MAX_BYTES}")
 
 
 def _boolean(value: Any) -> None:
@@ -43,7 +46,7 @@ class Key:
 
 # The one place preference keys, their types and defaults live.
 KEYS: dict[str, Key] = {
-    "models.cache.max_bytes": Key("number", 100 * 1024**3, _number,
+    "models.cache.max_bytes": Key("number", 100 * 1024**3, _byte_count,
                                   "Most bytes of blobs the cache holds once an import or download completes."),
     "models.cache.evict_policy": Key("string", "lru", _policy,
                                      "lru, largest_first, or none (refuse new content when full)."),
@@ -76,6 +79,11 @@ async def entries(db: Database) -> dict[str, dict]:
     out = {}
     for key, spec in KEYS.items():
         row = stored.get(key)
+        if row is not None and not _valid(spec, row["value"]):
+            # stored before the value's bounds were checked: the default holds until it is set again
+            logger.warning("preference %s holds %s, which is not a valid value; using the default %r",
+                           key, _shown(row["value"]), spec.default)
+            row = None
         if row is not None and row["value_type"] == spec.value_type:
             out[key] = {"key": key, "value": row["value"], "value_type": spec.value_type, "version": row["version"],
                         "updated_at": row["updated_at"], "updated_by": row["updated_by"], "default": False}
@@ -85,6 +93,19 @@ async def entries(db: Database) -> dict[str, dict]:
     return out
 
 
+def _valid(spec: Key, value: Any) -> bool:
+    try:
+        spec.check(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+
+
 async def set_preference(db: Database, key: str, value: Any, subject: Subject, *,
                          expected_version: int | None = None, reason: str | None = None) -> dict:
     """Store a typed value; a stale ``expected_version`` is a Conflict. Audited with old and new value."""
@@ -92,7 +113,7 @@ async def set_preference(db: Database, key: str, value: Any, subject: Subject, *
     try:
         spec.check(value)
     except ValueError as exc:
-        raise InvalidInput(f"preference {key} = {value!r}: {exc}") from None
+        raise InvalidInput(f"preference {key} = {_shown(value)}: {exc}") from None
     async with db.transaction() as conn:
         old = await preferences.get_preference(conn, key, for_update=True)
         current = old["version"] if old else 0

@@ -26,8 +26,10 @@ import psycopg
 import psycopg.errors
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from .. import jsonvalue
 from ..config import DatabaseSettings
 from ..errors import Conflict, DatabaseUnavailable, InvalidInput
 
@@ -165,6 +167,8 @@ class Database:
 
     async def _configure(self, conn: BoundedConnection) -> None:
         conn.round_trip_limit = self._round_trip_limit
+        # a row stored before JSON values were bounded must not break every read that returns it
+        set_json_loads(jsonvalue.loads_stored, conn)
         await conn.execute("SELECT set_config('statement_timeout', %s, false)",
                            (f"{round(self.limits.statement_timeout * 1000)}ms",))
 

@@ -184,10 +184,8 @@ def _config(layers: tuple[Descriptor, ...], caps: Mapping[str, Any]) -> bytes:
 def ollama_capabilities(config: bytes) -> dict[str, Any]:
     """What an Ollama config blob tells, as registry capabilities (for selection); {} if it is not one."""
     try:
-        doc = json.loads(config)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    if not isinstance(doc, dict):
+        doc = load_json_object(config, MAX_MANIFEST_BYTES)
+    except ValueError:
         return {}
     caps: dict[str, Any] = {}
     for key, cap in (("model_family", "architecture"), ("model_type", "size_label"), ("file_type", "quantization")):

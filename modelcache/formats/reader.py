@@ -7,23 +7,27 @@ the file and the offset, never a huge allocation.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .. import jsonvalue
 from ..errors import ImportRejected
+
+# a snapshot's config.json, tokenizer_config.json or safetensors index (the largest seen are a few MiB)
+MAX_JSON_FILE_BYTES = 64 << 20
 
 
 def load_json_object(raw: bytes, max_bytes: int) -> dict:
-    """A JSON object from bytes (a sidecar, a manifest, a header); ValueError says what is wrong."""
-    if len(raw) > max_bytes:
-        raise ValueError(f"larger than {max_bytes} bytes")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not valid JSON ({exc})") from None
+    """A JSON object from bytes (a sidecar, a manifest, a header); ValueError says what is wrong.
+
+    Nesting is bounded as for every JSON value from outside (:mod:`modelcache.jsonvalue`); members,
+    strings and integers only by ``max_bytes`` and the parser: a safetensors header names
+    thousands of tensors, and files made by others hold huge integers.
+    """
+    doc = jsonvalue.loads(raw, max_bytes=max_bytes, max_members=max_bytes, max_string=max_bytes,
+                           max_int=None)
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     return doc
@@ -33,9 +37,11 @@ def read_json_file(path: Path) -> Any:
     """A small JSON file of a snapshot (config.json, an index); ImportRejected naming it when it is not JSON."""
     try:
         with open(path, "rb") as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ImportRejected(f"{path}: not valid JSON ({exc})") from None
+            raw = f.read(MAX_JSON_FILE_BYTES + 1)
+        return jsonvalue.loads(raw, max_bytes=MAX_JSON_FILE_BYTES, max_members=MAX_JSON_FILE_BYTES,
+                               max_string=MAX_JSON_FILE_BYTES, max_int=None)
+    except ValueError as exc:
+        raise ImportRejected(f"{path}: {exc}") from None
 
 
 class HeaderReader:

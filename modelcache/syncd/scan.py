@@ -18,12 +18,15 @@ it, hidden ones included, so it settles only when the whole folder has.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from .. import jsonvalue
+from ..formats.reader import MAX_JSON_FILE_BYTES
 
 FAILED_DIR = ".failed"
 FOLDER_METADATA = "modelcache.json"
@@ -121,7 +124,7 @@ def _file_candidate(root: Path, folder: Path, path: Path, st: os.stat_result, na
 def _is_folder_artifact(folder: Path, names: dict) -> bool:
     if FOLDER_METADATA in names:
         try:
-            doc = json.loads((folder / FOLDER_METADATA).read_bytes())
+            doc = _load_json(folder / FOLDER_METADATA)
         except (OSError, ValueError, UnicodeDecodeError):
             return True  # unreadable: planning the folder reports it, once it has settled
         if isinstance(doc, dict) and "files" in doc:
@@ -155,14 +158,14 @@ def _missing_named_files(folder: Path) -> str | None:
     """The first file that modelcache.json or a safetensors index names and that is not there yet."""
     named: list[tuple[str, str]] = []
     try:
-        doc = json.loads((folder / FOLDER_METADATA).read_bytes())
+        doc = _load_json(folder / FOLDER_METADATA)
         if isinstance(doc, dict) and isinstance(doc.get("files"), list):
             named += [(str(f), FOLDER_METADATA) for f in doc["files"] if isinstance(f, str)]
     except (OSError, ValueError, UnicodeDecodeError):
         pass  # absent, or reported when the folder is planned
     for index in sorted(folder.glob("*.safetensors.index.json")):
         try:
-            weight_map = json.loads(index.read_bytes()).get("weight_map", {})
+            weight_map = _load_json(index).get("weight_map", {})
             named += [(str(s), index.name) for s in set(weight_map.values())]
         except (OSError, ValueError, UnicodeDecodeError, AttributeError):
             continue  # reported by the header check when the folder is imported
@@ -188,3 +191,11 @@ def _reject(path: Path, st: os.stat_result, reason: str) -> Candidate:
 
 def _prints(members: list[tuple[Path, os.stat_result]]) -> Fingerprint:
     return tuple(sorted({(str(p), st.st_ino, st.st_size, st.st_mtime_ns) for p, st in members}))
+
+
+def _load_json(path: Path) -> Any:
+    """A JSON file of the import folder, within the bounds of every JSON value from outside (ValueError if not)."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_JSON_FILE_BYTES + 1)
+    return jsonvalue.loads(raw, max_bytes=MAX_JSON_FILE_BYTES, max_members=MAX_JSON_FILE_BYTES,
+                           max_string=MAX_JSON_FILE_BYTES, max_int=None)

@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ... import jsonvalue
 from ...auth import Role, Subject
 from ...db import audit
 from ...errors import DatabaseUnavailable, Forbidden, InvalidInput, ModelcacheError, Unauthorized
@@ -143,11 +144,11 @@ def _query_dict(request: web.Request) -> dict[str, Any]:
 async def _json_body(request: web.Request) -> Any:
     if not request.can_read_body:
         raise InvalidInput("a JSON body is required")
-    raw = await request.read()
+    raw = await request.read()  # bounded by the app's client_max_size: larger is a 413
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the body is not valid JSON: {exc}") from None
+        return jsonvalue.loads(raw, max_bytes=len(raw))
+    except ValueError as exc:
+        raise InvalidInput(f"the body is {exc}") from None
 
 
 def _parse(model: type[BaseModel], data: Any, what: str) -> BaseModel:
