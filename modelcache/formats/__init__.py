@@ -23,8 +23,8 @@ from .safetensors import MAX_HEADER_BYTES as _SAFETENSORS_MAX_HEADER
 from .safetensors import read_safetensors_header, safetensors_capabilities
 
 __all__ = [
-    "ARTIFACT_TYPES", "DOCKER_MANIFEST_V2", "FolderFile", "detect_type", "folder_files", "load_json_object",
-    "parse_artifact_type", "read_capabilities", "sniff_file",
+    "ARTIFACT_TYPES", "DOCKER_MANIFEST_V2", "FolderFile", "detect_type", "folder_files", "inspect_content",
+    "load_json_object", "parse_artifact_type", "read_capabilities", "sniff_file",
 ]
 
 ARTIFACT_TYPES = ("gguf", "safetensors", "ollama")
@@ -96,3 +96,45 @@ def read_capabilities(path: Path, artifact_type: str, files: Sequence[FolderFile
     if artifact_type == "safetensors":
         return snapshot_capabilities(listed)
     return {}
+
+
+def inspect_content(path: Path, declared: str | None = None, files: Sequence[FolderFile] | None = None,
+                    shown: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """The one content check of every import (the CLI, the import folder, uploads): the artifact type
+    and the capabilities its headers tell.
+
+    The type is read from the content; a ``declared`` type the content contradicts, a type the
+    content does not tell, or a truncated or malformed header raises ImportRejected saying what was
+    found. ``shown`` names the content in those messages when ``path`` is not the name the user knows
+    (an upload checked in ``tmp/``).
+    """
+    try:
+        artifact_type = _declared_type(path, declared, files) if declared else detect_type(path, files)
+        return artifact_type, read_capabilities(path, artifact_type, files)
+    except ImportRejected as exc:
+        if shown is None or str(shown) == str(path):
+            raise
+        raise ImportRejected(exc.detail.replace(str(path), str(shown))) from None
+
+
+_FOUND = {"gguf": "a GGUF file", "safetensors": "a safetensors file", "ollama": "a Docker v2 manifest (ollama)"}
+
+
+def _declared_type(path: Path, declared: str, files: Sequence[FolderFile] | None) -> str:
+    """``declared``, unless the content says otherwise."""
+    if files is not None or path.is_dir():
+        names = [f.rel for f in (files if files is not None else folder_files(path))]
+        if declared == "ollama" or not any(name.endswith(f".{declared}") for name in names):
+            raise ImportRejected(f"{path}: declared {declared}, but the folder holds no .{declared} file "
+                                 f"({len(names)} files)")
+        return declared
+    found = sniff_file(path)
+    if found != declared:
+        if found is None:
+            with open(path, "rb") as f:
+                head = f.read(8)
+            what = f"none of GGUF, safetensors or a Docker v2 manifest (it begins with {head.hex() or 'nothing'})"
+        else:
+            what = _FOUND[found]
+        raise ImportRejected(f"{path}: declared {declared}, but the content is {what}")
+    return declared
