@@ -50,6 +50,15 @@ CREATE TABLE blobs (
     last_accessed_at timestamptz
 );
 
+-- ours: digests the triggers below notified about, by transaction, so the blob server's
+-- catalog can ask what changed since it last read (migrations/0003_blob_change_log.sql).
+CREATE TABLE blob_changes (
+    xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    digest text NOT NULL,
+    changed_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX blob_changes_xid_idx ON blob_changes (xid);
+
 CREATE TABLE model_artifacts (
     id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     model_version_id uuid NOT NULL REFERENCES model_versions (id),
@@ -192,17 +201,26 @@ CREATE TABLE node_load_requests (
 CREATE INDEX node_load_requests_node_id_state_idx ON node_load_requests (node_id, state);
 
 -- Change notifications keep the blob server's in-memory view current
--- without a query per request. Payloads are blob digests or token ids.
+-- without a query per request. Payloads are blob digests or token ids; blob digests are
+-- also logged in blob_changes, for a catalog that missed notifications.
 CREATE FUNCTION notify_blob_change() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    changed text;
 BEGIN
     IF TG_TABLE_NAME = 'blobs' THEN
-        PERFORM pg_notify('modelcache_blobs', COALESCE(NEW.digest, OLD.digest));
+        changed := COALESCE(NEW.digest, OLD.digest);
     ELSIF TG_TABLE_NAME = 'artifact_files' THEN
-        PERFORM pg_notify('modelcache_blobs', COALESCE(NEW.blob_digest, OLD.blob_digest));
+        changed := COALESCE(NEW.blob_digest, OLD.blob_digest);
     ELSE
-        PERFORM pg_notify('modelcache_blobs', f.blob_digest)
-           FROM artifact_files f WHERE f.artifact_id = COALESCE(NEW.id, OLD.id);
+        FOR changed IN SELECT f.blob_digest FROM artifact_files f WHERE f.artifact_id = COALESCE(NEW.id, OLD.id)
+        LOOP
+            INSERT INTO blob_changes (digest) VALUES (changed);
+            PERFORM pg_notify('modelcache_blobs', changed);
+        END LOOP;
+        RETURN NULL;
     END IF;
+    INSERT INTO blob_changes (digest) VALUES (changed);
+    PERFORM pg_notify('modelcache_blobs', changed);
     RETURN NULL;
 END;
 $$;

@@ -74,6 +74,6 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[CATALOG].start()
-    logger.info("serving %d blobs to %d tokens", len(app[CATALOG].blobs), len(app[CATALOG].tokens))
+    logger.info("serving %d blobs to %d tokens", app[CATALOG].blob_count(), len(app[CATALOG].tokens))
     yield
     await app[CATALOG].stop()

@@ -1,10 +1,18 @@
 """The blob server's in-memory view of the registry.
 
 A blob GET or HEAD answers from here (digest -> size and state, token hash ->
-role), never from a query per request. The view is loaded at start, kept
-current by LISTEN/NOTIFY (triggers in schema.sql), reloaded whole after every
-reconnection and refreshed on a timer as a safety net. While PostgreSQL is
-down the last view keeps serving.
+role), never from a query per request. The view is loaded whole at start and
+then followed incrementally: LISTEN/NOTIFY (triggers in schema.sql) names each
+changed blob, and the same triggers log it in ``blob_changes``, so after a
+reconnection, and once a minute as a safety net against a lost notification,
+the catalog reads only what changed since it last looked (``changes_since``).
+It reloads whole only when that log cannot answer (it was away longer than the
+log is kept, or the database was replaced). While PostgreSQL is down the last
+view keeps serving.
+
+A million blobs must fit in a few hundred MiB: an entry is one packed int keyed
+by the digest's 32 raw bytes (``db/blobs.py``), unpacked into a
+:class:`BlobEntry` when asked for.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from typing import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -21,6 +30,11 @@ from ..digest import Digest
 from ..errors import DatabaseUnavailable
 
 logger = logging.getLogger(__name__)
+
+# Logged changes are kept a day (any server prunes them, at most hourly); a catalog that last caught up
+# longer ago than half that reloads whole instead, so pruning never hides a change from it.
+CHANGES_KEPT = 86400.0
+_PRUNE_EVERY = 3600.0
 
 BLOBS_CHANNEL = "modelcache_blobs"
 TOKENS_CHANNEL = "modelcache_tokens"
@@ -48,7 +62,11 @@ class Catalog:
     def __init__(self, db: Database, token_refresh: float = 5.0, blob_refresh: float = 60.0,
                  access_flush: float = 10.0) -> None:
         self._db = db
-        self.blobs: dict[Digest, BlobEntry] = {}
+        self._entries: dict[bytes, int] = {}  # digest bytes -> packed entry (db.blobs)
+        self._mark: str | None = None  # the change mark of the last full load or catch-up
+        self._caught_up_at = 0.0  # time.monotonic() of that
+        self._pruned_at = 0.0
+        self.full_loads = 0  # how often every blob was read (start, and when the change log could not answer)
         self.tokens: dict[str, TokenEntry] = {}
         self._dirty: set[str] = set()
         self._dirty_event = asyncio.Event()
@@ -67,16 +85,17 @@ class Catalog:
         await self.reload()
         self._tasks = [
             asyncio.create_task(self._db.listen([BLOBS_CHANNEL, TOKENS_CHANNEL], self._on_notify,
-                                                self._reload_quietly, self._stop), name="catalog-listen"),
+                                                self._on_connect, self._stop), name="catalog-listen"),
             asyncio.create_task(self._apply_changes(), name="catalog-changes"),
             asyncio.create_task(self._every(self._token_refresh, self._reload_tokens), name="catalog-tokens"),
-            asyncio.create_task(self._every(self._blob_refresh, self._reload_blobs), name="catalog-blobs"),
+            asyncio.create_task(self._every(self._blob_refresh, self.catch_up), name="catalog-blobs"),
             asyncio.create_task(self._every(self._access_flush, self.flush_access), name="catalog-access"),
         ]
 
     def follow(self, update: Callable[[list[str] | None], Awaitable[None]]) -> None:
         """Also keep another in-memory view current (the HF index): ``update(digests)`` after blobs
-        changed, ``update(None)`` after every full reload. One LISTEN connection serves them all."""
+        changed (also after a catch-up), ``update(None)`` after every full reload. One LISTEN
+        connection serves them all."""
         self._followers.append(update)
 
     async def _tell_followers(self, digests: list[str] | None) -> None:
@@ -93,7 +112,20 @@ class Catalog:
     # -- reads on the hot path ------------------------------------------------
 
     def blob(self, digest: Digest) -> BlobEntry | None:
-        return self.blobs.get(digest)
+        packed = self._entries.get(bytes.fromhex(digest.hex))
+        if packed is None:
+            return None
+        return BlobEntry(packed >> 3, blobs.STATES[packed >> 1 & 3], bool(packed & 1))
+
+    def blob_count(self) -> int:
+        """How many blobs the catalog knows (in any state)."""
+        return len(self._entries)
+
+    def count_by_state(self) -> dict[str, int]:
+        counts = [0, 0, 0, 0]
+        for packed in list(self._entries.values()):
+            counts[packed >> 1 & 3] += 1
+        return dict(zip(blobs.STATES, counts))
 
     def token(self, token_sha256: str) -> TokenEntry | None:
         return self.tokens.get(token_sha256)
@@ -109,22 +141,50 @@ class Catalog:
         await self._reload_tokens()
 
     async def _reload_blobs(self) -> None:
+        started = time.monotonic()
         async with self._db.connection() as conn:
-            rows = await blobs.blob_index_rows(conn)
-        self.blobs = {Digest.parse(r["digest"]): _blob_entry(r) for r in rows}
+            entries, mark = await blobs.blob_index(conn)
+        self._entries, self._mark, self._caught_up_at = entries, mark, time.monotonic()
+        self.full_loads += 1
+        logger.info("catalog loaded %d blobs in %.2fs", len(entries), time.monotonic() - started)
         await self._tell_followers(None)
+
+    async def catch_up(self) -> list[str]:
+        """Read the blobs changed since the last load or catch-up (the change log), and tell the
+        followers; reload whole when the log cannot say. Returns the digests read."""
+        if self._mark is None or time.monotonic() - self._caught_up_at > CHANGES_KEPT / 2:
+            logger.info("catalog: changes since the last read may be pruned; reloading every blob")
+            await self._reload_blobs()
+            return []
+        started = time.monotonic()
+        async with self._db.connection() as conn:
+            since = await blobs.changes_since(conn, self._mark)
+            if started - self._pruned_at > _PRUNE_EVERY:
+                pruned = await blobs.prune_changes(conn, CHANGES_KEPT)
+                self._pruned_at = started
+                logger.debug("catalog: pruned %d logged blob changes", pruned)
+        if since is None:
+            logger.warning("catalog: the database does not know the last change mark %s (restored or "
+                           "replaced?); reloading every blob", self._mark)
+            await self._reload_blobs()
+            return []
+        digests, mark = since
+        if digests:
+            await self.refresh(digests)
+            await self._tell_followers(digests)
+        self._mark, self._caught_up_at = mark, started
+        return digests
 
     async def refresh(self, digests: list[str]) -> None:
         """Read these blobs' entries from the registry now (a notification will say the same later)."""
         async with self._db.connection() as conn:
-            rows = await blobs.blob_index_rows(conn, digests)
-        found = {r["digest"]: r for r in rows}
+            found = await blobs.blob_entries(conn, digests)
         for text in digests:
-            digest = Digest.parse(text)
+            key = bytes.fromhex(Digest.parse(text).hex)
             if text in found:
-                self.blobs[digest] = _blob_entry(found[text])
+                self._entries[key] = found[text]
             else:
-                self.blobs.pop(digest, None)
+                self._entries.pop(key, None)
 
     async def changed(self, digests: list[str]) -> None:
         """Read these blobs now and update the followers: what a request just changed is served as it
@@ -142,11 +202,15 @@ class Catalog:
             for r in rows
         }
 
-    async def _reload_quietly(self) -> None:
+    async def _on_connect(self) -> None:
+        """After each (re)connection of the LISTEN connection: read what was missed meanwhile."""
         try:
-            await self.reload()
+            await self._reload_tokens()
+            digests = await self.catch_up()
+            if digests:
+                logger.info("catalog caught up on %d blobs changed while not listening", len(digests))
         except DatabaseUnavailable as exc:
-            logger.warning("catalog reload failed, serving the last view: %s", exc.detail)
+            logger.warning("catalog catch-up failed, serving the last view: %s", exc.detail)
 
     def _on_notify(self, channel: str, payload: str) -> None:
         if channel == TOKENS_CHANNEL:
@@ -169,7 +233,7 @@ class Catalog:
                     await self.refresh(sorted(dirty))
                     await self._tell_followers(sorted(dirty))
             except DatabaseUnavailable as exc:
-                logger.warning("catalog update failed (%s); will reload on reconnect", exc.detail)
+                logger.warning("catalog update failed (%s); the next catch-up reads it", exc.detail)
 
     async def _every(self, seconds: float, work) -> None:
         while not self._stop.is_set():
@@ -201,6 +265,3 @@ class Catalog:
         except DatabaseUnavailable as exc:
             logger.warning("last-access times of %d blobs not saved: %s", len(self._accessed), exc.detail)
 
-
-def _blob_entry(row: dict) -> BlobEntry:
-    return BlobEntry(row["size_bytes"], row["state"], row["promoted"])

@@ -49,10 +49,7 @@ class Metrics:
 
     async def refresh(self, app: web.Application) -> None:
         catalog = app[CATALOG]
-        states: dict[str, int] = {}
-        for entry in list(catalog.blobs.values()):
-            states[entry.state] = states.get(entry.state, 0) + 1
-        for state, n in states.items():
+        for state, n in catalog.count_by_state().items():
             self.blobs.labels(state).set(n)
         try:
             db = app[DATABASE]

@@ -12,8 +12,8 @@ blob id of its LFS pointer, computed from the sha256 and the size alone.
 
 The view is loaded at start and then follows the blob catalog
 (``Catalog.follow``, one LISTEN connection for both): when blobs change, the
-models holding them are read again; after every full reload of the catalog
-(a reconnection, and a timer as a safety net), everything is. While PostgreSQL is down the last view keeps serving, so HEAD and the
+models holding them are read again (also when the catalog catches up on changes
+it missed); after a full reload of the catalog, everything is. While PostgreSQL is down the last view keeps serving, so HEAD and the
 metadata endpoints never wait on the database.
 """
 
@@ -323,7 +323,7 @@ class HfIndex:
                 await self.reload()
             else:
                 await self._reload_holding(digests)
-        except DatabaseUnavailable as exc:  # the catalog's next full reload (at most a minute) catches up
+        except DatabaseUnavailable as exc:  # the catalog's next catch-up (at most a minute) tells us again
             logger.warning("hf index update failed, serving the last view: %s", exc.detail)
 
 

@@ -14,8 +14,8 @@ their digests and media types. A manifest GET or HEAD, ``tags/list`` and
 
 The view is loaded at start and then follows the blob catalog
 (``Catalog.follow``, one LISTEN connection for all views): when blobs change,
-the models holding them are read again; after every full reload of the
-catalog (a reconnection, and a timer as a safety net), everything is.
+the models holding them are read again (also when the catalog catches up on
+changes it missed); after a full reload of the catalog, everything is.
 Manifest bytes are read from the store then, never per request; blobs never
 change, so bytes already held are kept by digest. While PostgreSQL is down
 the last view keeps serving.
@@ -218,7 +218,7 @@ class OciIndex:
                 await self.reload()
             else:
                 await self._reload_holding(digests)
-        except DatabaseUnavailable as exc:  # the catalog's next full reload (at most a minute) catches up
+        except DatabaseUnavailable as exc:  # the catalog's next catch-up (at most a minute) tells us again
             logger.warning("oci index update failed, serving the last view: %s", exc.detail)
 
     def _set(self, repos: dict[uuid.UUID, OciRepo]) -> None:
