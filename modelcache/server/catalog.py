@@ -39,6 +39,15 @@ _PRUNE_EVERY = 3600.0
 BLOBS_CHANNEL = "modelcache_blobs"
 TOKENS_CHANNEL = "modelcache_tokens"
 
+# A miss on a well-formed digest asks the registry (another process's fresh import is served before
+# its notification arrives), but only so much: a few lookups at once, shared by every request for
+# one digest, a caller waits a moment at most, and a digest found absent is not asked again for a
+# second. So a flood of unknown digests, or a slow or dead database, costs a 404, never a stall.
+MISS_LOOKUPS = 4
+MISS_WAIT = 0.5
+MISS_REMEMBERED = 1.0
+_ABSENT_KEPT = 10_000
+
 
 @dataclass(frozen=True, slots=True)
 class BlobEntry:
@@ -77,6 +86,9 @@ class Catalog:
         self._token_refresh = token_refresh
         self._blob_refresh = blob_refresh
         self._access_flush = access_flush
+        self._lookups: dict[Digest, asyncio.Task[BlobEntry | None]] = {}  # misses being asked, one per digest
+        self._absent: dict[Digest, float] = {}  # digest -> until when a lookup found it absent
+        self.registry_lookups = 0  # misses that asked the registry
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -107,6 +119,9 @@ class Catalog:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for lookup in list(self._lookups.values()):
+            lookup.cancel()
+        await asyncio.gather(*self._lookups.values(), return_exceptions=True)
         await self._flush_quietly()
 
     # -- reads on the hot path ------------------------------------------------
@@ -129,6 +144,42 @@ class Catalog:
 
     def token(self, token_sha256: str) -> TokenEntry | None:
         return self.tokens.get(token_sha256)
+
+    async def lookup(self, digest: Digest) -> BlobEntry | None:
+        """The blob's entry from memory, or on a miss from the registry (see MISS_LOOKUPS): None
+        when it is not there, or the registry could not say within MISS_WAIT."""
+        entry = self.blob(digest)
+        if entry is not None:
+            return entry
+        lookup = self._lookups.get(digest)
+        if lookup is None:
+            if self._absent.get(digest, 0.0) > time.monotonic() or len(self._lookups) >= MISS_LOOKUPS:
+                return None
+            lookup = asyncio.create_task(self._look_up(digest), name=f"catalog-lookup-{digest.hex[:12]}")
+            self._lookups[digest] = lookup
+            lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
+        # waiting neither cancels the lookup nor outlasts MISS_WAIT: it finishes for the next caller
+        done, _ = await asyncio.wait({lookup}, timeout=MISS_WAIT)
+        return lookup.result() if done else self.blob(digest)  # (found, while it tells the followers)
+
+    async def _look_up(self, digest: Digest) -> BlobEntry | None:
+        self.registry_lookups += 1
+        try:
+            await self.refresh([str(digest)])
+        except DatabaseUnavailable as exc:
+            logger.info("blob %s: not in the catalog, and the registry could not be asked: %s", digest, exc.detail)
+        entry = self.blob(digest)
+        if entry is None:
+            now = time.monotonic()
+            if len(self._absent) >= _ABSENT_KEPT:
+                self._absent = {d: t for d, t in self._absent.items() if t > now}
+                if len(self._absent) >= _ABSENT_KEPT:
+                    self._absent.clear()
+            self._absent[digest] = now + MISS_REMEMBERED
+            return None
+        logger.info("blob %s: registered before its notification arrived; served from now on", digest)
+        await self._tell_followers([str(digest)])
+        return entry
 
     def record_access(self, digest: Digest) -> None:
         """Remember a pull; written to the registry in batches, not per request."""

@@ -38,12 +38,17 @@ def servable(digest: Digest, entry: BlobEntry | None, subject: Subject) -> BlobE
     return entry
 
 
+async def servable_blob(request: web.Request, digest: Digest, subject: Subject) -> BlobEntry:
+    """:func:`servable` for the blob routes (/v1, /v2, /hf): the catalog's entry, asked of the registry
+    on a miss (:meth:`Catalog.lookup`), so content another process just imported is served too."""
+    return servable(digest, await request.app[CATALOG].lookup(digest), subject)
+
+
 async def get_blob(request: web.Request) -> web.StreamResponse:
     subject = authenticate(request)
     digest = Digest.parse(request.match_info["digest"])
     request[DIGEST] = digest
-    catalog = request.app[CATALOG]
-    entry = servable(digest, catalog.blob(digest), subject)
+    entry = await servable_blob(request, digest, subject)
     return await send_blob(request, digest, entry.size)
 
 

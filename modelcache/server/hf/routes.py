@@ -37,7 +37,7 @@ from yarl import URL
 from ...auth import Subject
 from ...errors import InvalidInput, ModelcacheError
 from ..auth import authenticate
-from ..blobs.serve import CACHE_CONTROL, send_blob, servable
+from ..blobs.serve import CACHE_CONTROL, send_blob, servable_blob
 from ..errors import Renderer, header_text, mount
 from ..paging import page_after, parse_count
 from ..urls import public_base
@@ -123,7 +123,7 @@ async def resolve(request: web.Request) -> web.StreamResponse:
     repo, revision = asked.find(request.app[HF_INDEX])
     file = revision.file(path, repo)
     request[DIGEST] = file.digest
-    entry = servable(file.digest, request.app[CATALOG].blob(file.digest), asked.subject)
+    entry = await servable_blob(request, file.digest, asked.subject)
     etag = f'"{file.digest.hex}"'  # the client keeps the file as blobs/<sha256>, as for the Hub's LFS files
     headers = {
         "ETag": etag,

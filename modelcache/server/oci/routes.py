@@ -55,7 +55,7 @@ from ...errors import DatabaseUnavailable, Forbidden, InvalidInput, ModelcacheEr
 from ...formats.ollama import OCI_MANIFEST
 from ...manifests import derive_missing
 from ..auth import authenticate, basic_password, token_subject
-from ..blobs.serve import send_blob, servable
+from ..blobs.serve import send_blob, servable_blob
 from ..blobs.signing import UrlSigner
 from ..errors import Renderer, mount
 from ..keys import CATALOG, DATABASE, DIGEST, OCI_INDEX, SETTINGS, SIGNER, STORE
@@ -307,7 +307,7 @@ async def _blob(request: web.Request, reference: str) -> web.StreamResponse:
     request[DIGEST] = digest
     subject = _blob_subject(request, digest)
     try:
-        entry = servable(digest, request.app[CATALOG].blob(digest), subject)
+        entry = await servable_blob(request, digest, subject)
     except NotFound as exc:
         raise BlobUnknown(exc.detail) from None
     headers = dict(API_VERSION)
