@@ -29,6 +29,9 @@ class ServerSettings:
     public_url: str = ""
     # Networks whose clients may pull promoted blobs without a token.
     trusted_networks: tuple[IPNetwork, ...] = ()
+    # Seconds a connection may stay open without a whole request's headers: idle between
+    # requests (keep-alive), or sending its request line and headers too slowly (or not at all).
+    keepalive_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ _PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "port": _int(0, 65535),
         "public_url": _url,
         "trusted_networks": _networks,
+        "keepalive_timeout": _seconds(0.1, 3600),
     },
     "storage": {"data_dir": _path, "import_dir": _optional_path, "scrub_interval": _float(0)},
     "database": {"dsn": _str, "pool_min_size": _int(1, 100), "pool_max_size": _int(1, 100),

@@ -79,6 +79,13 @@ class ImportRejected(ModelcacheError):
     title = "Import rejected"
 
 
+class StorageFull(ModelcacheError):
+    """The data dir's filesystem has no room left (ENOSPC, or EDQUOT for a quota): nothing partial is kept."""
+
+    status = 507
+    title = "Insufficient storage"
+
+
 class DatabaseUnavailable(ModelcacheError):
     status = 503
     title = "Database unavailable"

@@ -5,10 +5,33 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import re
 import sys
 import time
 
 from .config import LogSettings
+
+
+# C0 and C1 control characters, DEL, the Unicode line and paragraph separators (anything a terminal
+# or a log reader may take for the end of a line or a command) and lone surrogates (a path's
+# undecodable bytes, which stderr cannot encode)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x00``): a value a client chose
+    (a path, a file name, a header) cannot end a log line early and forge the next one."""
+    if _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class TextFormatter(logging.Formatter):
+    """The text format: the message of each record made printable (the traceback, if any, follows it)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,7 +72,7 @@ class LineBuffer:
         if self._json:
             line = json.dumps({"time": stamp, "level": "info", "logger": name, "message": message}) + "\n"
         else:
-            line = f"{stamp} INFO    {name}: {message}\n"
+            line = f"{stamp} INFO    {name}: {printable(message)}\n"
         self._lines.append(line)
         self._size += len(line)
         if self._size >= 65536:
@@ -86,8 +109,8 @@ def configure(settings: LogSettings) -> None:
     if settings.format == "json":
         formatter: logging.Formatter = JsonFormatter()
     else:
-        formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s: %(message)s",
-                                      "%Y-%m-%dT%H:%M:%S")
+        formatter = TextFormatter("%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s: %(message)s",
+                                  "%Y-%m-%dT%H:%M:%S")
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     root = logging.getLogger()

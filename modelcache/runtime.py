@@ -58,7 +58,7 @@ def database_label(settings: Settings) -> str:
 
 async def run(settings: Settings, *, serve: bool = True, watch: bool = True) -> None:
     """``modelcache run`` (both), ``serve`` (server only) or ``syncd`` (daemon only), until SIGTERM/SIGINT."""
-    from .server.access import AccessLogger
+    from .server.access import connection_options
     from .server.app import create_app
 
     stop = asyncio.Event()
@@ -70,8 +70,8 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True) -> 
         await migrate(db)
         runner = None
         if serve:
-            runner = web.AppRunner(create_app(settings, db), access_log_class=AccessLogger,
-                                   handle_signals=False, shutdown_timeout=5)
+            runner = web.AppRunner(create_app(settings, db), handle_signals=False, shutdown_timeout=5,
+                                   **connection_options(settings))
             await runner.setup()
             site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
             await site.start()

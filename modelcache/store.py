@@ -26,12 +26,13 @@ import logging
 import os
 import secrets
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from .digest import Digest
-from .errors import ChecksumError, InvalidInput, NotFound, SourceChanged
+from .errors import ChecksumError, InvalidInput, NotFound, SourceChanged, StorageFull
 from .hashing import Hasher, hash_stream
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,23 @@ class Blob:
     size: int
     xxh3: str
     path: Path
+
+
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def _room(where: Path, what: str) -> Iterator[None]:
+    """A full filesystem (or quota) while writing to the store is a StorageFull naming the data dir;
+    the caller's temp file is discarded on the way out, so nothing partial is kept."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _NO_ROOM:
+            raise
+        raise StorageFull(f"no room left on the filesystem of {where} while {what} "
+                          f"({os.strerror(exc.errno)}): free space there, or lower "
+                          "models.cache.max_bytes so eviction keeps it below the disk's size") from None
 
 
 def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -72,8 +90,10 @@ class TempBlob:
 
     def __init__(self, store: "BlobStore", linked_from: Path | None = None) -> None:
         self.path = store.tmp_dir / f"{secrets.token_hex(12)}.partial"
+        self._root = store.root
         if linked_from is None:
-            self._file: BinaryIO | None = open(self.path, "xb")  # noqa: SIM115 - closed in close()
+            with _room(self._root, f"creating {self.path}"):
+                self._file: BinaryIO | None = open(self.path, "xb")  # noqa: SIM115 - closed in close()
         else:
             os.link(linked_from, self.path)
             self._file = open(self.path, "rb")  # noqa: SIM115
@@ -83,12 +103,17 @@ class TempBlob:
     def write(self, data: bytes | memoryview) -> None:
         assert self._file is not None, "write after close"
         self.hasher.update(data)
-        self._file.write(data)
+        with _room(self._root, self._writing()):
+            self._file.write(data)
 
     def copy_from(self, src: BinaryIO, progress: OnBytes | None = None) -> None:
         """Copy ``src`` to its end, hashing in the same pass."""
         assert self._file is not None and not self.hasher.size
-        self.hasher = hash_stream(src, self._file.write, progress)
+        with _room(self._root, self._writing()):
+            self.hasher = hash_stream(src, self._file.write, progress)
+
+    def _writing(self) -> str:
+        return f"writing {self.path}"
 
     def hash_in_place(self, progress: OnBytes | None = None) -> None:
         """Hash a hard-linked temp file: the bytes are read once and never copied."""
@@ -102,8 +127,9 @@ class TempBlob:
     def finish(self) -> None:
         """Flush and fsync; after this the bytes on disk are what was hashed."""
         assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        with _room(self._root, self._writing()):
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if self._file is not None:
@@ -111,7 +137,12 @@ class TempBlob:
             self._file = None
 
     def discard(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except OSError as exc:
+            # closing flushes what is still buffered, which fails again on a full disk; the
+            # bytes are being thrown away, and the file is closed all the same
+            logger.debug("temp file %s closed with an error before removal: %s", self.path, exc)
         self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> "TempBlob":
@@ -182,10 +213,11 @@ class BlobStore:
         if target.exists():
             temp.discard()
         else:
-            target.parent.mkdir(exist_ok=True)
-            os.chmod(temp.path, 0o444)
-            os.rename(temp.path, target)
-            _fsync_dir(target.parent)
+            with _room(self.root, f"committing {digest} to {target}"):
+                target.parent.mkdir(exist_ok=True)
+                os.chmod(temp.path, 0o444)
+                os.rename(temp.path, target)
+                _fsync_dir(target.parent)
             temp.close()
         return Blob(digest, temp.hasher.size, temp.hasher.xxh3, target)
 

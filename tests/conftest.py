@@ -28,7 +28,7 @@ from modelcache.auth import Role, Subject
 from modelcache.db import Database
 from modelcache.db.migrate import migrate
 from modelcache.imports import ImportRequest, import_path
-from modelcache.server.access import AccessLogger
+from modelcache.server.access import connection_options
 from modelcache.server.app import create_app
 from modelcache.server.keys import CATALOG
 from modelcache.store import BlobStore
@@ -241,7 +241,7 @@ def start_server(aiohttp_server, db, running_apps):
     started = []
 
     async def start(settings: config.Settings):
-        srv = await aiohttp_server(create_app(settings, db), access_log_class=AccessLogger)
+        srv = await aiohttp_server(create_app(settings, db), **connection_options(settings))
         running_apps.append(srv.app)
         started.append(srv)
         return srv

@@ -1,16 +1,52 @@
-"""One access-log line per request: who, what, which digest and range, status, bytes, time."""
+"""How connections are logged and bounded: one access-log line per request (who, what, which
+digest and range, status, bytes, time), one warning line per request aiohttp's parser refused,
+and the keep-alive bound on connections that send no whole request."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import BaseRequest, StreamResponse
 
-from ..logs import fast_info
+from ..config import Settings
+from ..logs import fast_info, printable
 from .keys import DIGEST, RANGE, SENT, SUBJECT
 
 logger = logging.getLogger("modelcache.access")
+
+
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """What the aiohttp server is started with (``AppRunner(app, **options)``), by the CLI and the tests alike.
+
+    aiohttp 3.14 has no separate header-read timeout: its keep-alive timer runs from a connection's
+    start and from each answer until the next request's headers are complete, so one bound closes
+    both an idle connection and one that trickles (or never finishes) its request line and headers.
+    """
+    return {"access_log_class": AccessLogger, "logger": ProtocolLogger(),
+            "keepalive_timeout": settings.server.keepalive_timeout}
+
+
+class ProtocolLogger(logging.LoggerAdapter):
+    """aiohttp's connection-level logger (``RequestHandler(logger=...)``).
+
+    A request its parser refused (a bad request line, a malformed or too long header) is answered
+    400 by aiohttp and logged there with ``logger.exception``: that is the client's fault, worth one
+    warning line, not an error with a traceback. Everything else is logged as aiohttp logs it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+
+    def exception(self, msg: Any, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            remote = args[0] if args else "?"
+            self.logger.warning("refused a malformed request from %s: %s", remote,
+                                printable(" ".join(str(exc_info).split())))
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
 
 _QUIET = ("/healthz", "/readyz", "/metrics")
 
@@ -20,6 +56,7 @@ class AccessLogger(AbstractAccessLogger):
         if request.path in _QUIET and response.status < 400:
             return
         sent = 0 if request.method == "HEAD" else request.get(SENT, response.body_length)
+        # the path is the client's: logs.py escapes control characters where lines are formatted
         fast_info(logger, f"{request.remote} {request.method} {_redacted(request)} {response.status} "
                           f"who={request.get(SUBJECT) or '-'} digest={request.get(DIGEST) or '-'} "
                           f"range={request.get(RANGE) or '-'} bytes={sent} {time * 1000:.1f}ms")

@@ -23,6 +23,7 @@ from ... import jsonvalue
 from ...auth import Role, Subject
 from ...db import audit
 from ...errors import DatabaseUnavailable, Forbidden, InvalidInput, ModelcacheError, Unauthorized
+from ...logs import printable
 from ..auth import authenticate
 from ..keys import DATABASE
 
@@ -187,7 +188,8 @@ def _dumps(value: Any) -> str:
 async def _audit_denial(request: web.Request, subject: Subject, ep: Endpoint, reason: str) -> None:
     try:
         async with request.app[DATABASE].connection() as conn:
-            await audit.audit(conn, subject, ep.action, ep.tags[0], request.path, decision="deny",
+            # the path as the client wrote it may hold NUL, which PostgreSQL text cannot: escaped
+            await audit.audit(conn, subject, ep.action, ep.tags[0], printable(request.path), decision="deny",
                                  outcome="denied", reason=reason)
     except DatabaseUnavailable as exc:
         logger.error("could not audit a denied %s by %s: %s", ep.action, subject, exc.detail)
