@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,37 @@ class SyncdSettings:
 
 
 @dataclass(frozen=True)
+class DownloadSettings:
+    # Transfers one process runs at once (run and fetchd).
+    workers: int = 2
+    # Seconds between looks for new jobs when no notification arrived.
+    poll_seconds: float = 2.0
+    # Redirects followed per request; each hop is checked against the policy again.
+    max_redirects: int = 5
+    # A PEM file of CA certificates for https sources; empty: the system's.
+    ca_bundle: Path | None = None
+    # Seconds to connect, and seconds without a byte before a transfer counts as dropped (and resumes).
+    connect_timeout: float = 15.0
+    read_timeout: float = 60.0
+
+
+SOURCE_KINDS = ("http",)  # huggingface, ollama and modelcache come later
+_SOURCE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """An upstream a download may come from (``[sources.<id>]``). Credentials are named, never held here."""
+
+    id: str
+    kind: str
+    url: str
+    # The environment variable, or the file, holding a bearer token; read when a transfer starts.
+    token_env: str | None = None
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class LogSettings:
     format: str = "text"
     level: str = "info"
@@ -80,7 +112,9 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     syncd: SyncdSettings = field(default_factory=SyncdSettings)
+    downloads: DownloadSettings = field(default_factory=DownloadSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    sources: dict[str, SourceSettings] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> Path:
@@ -219,8 +253,55 @@ _PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
                  "statement_timeout": _seconds(0.1, 86400)},
     "syncd": {"settle_seconds": _float(0), "workers": _int(1, 64), "force_polling": _bool,
               "progress_seconds": _float(0)},
+    "downloads": {"workers": _int(1, 64), "poll_seconds": _seconds(0.1, 3600), "max_redirects": _int(0, 20),
+                  "ca_bundle": _optional_path, "connect_timeout": _seconds(1, 3600),
+                  "read_timeout": _seconds(1, 86400)},
     "log": {"format": _choice("text", "json"), "level": _choice("debug", "info", "warning", "error")},
 }
+
+_SOURCE_KEYS = ("kind", "url", "token_env", "token_file")
+
+
+def _source(source_id: str, values: Any, origin: str) -> SourceSettings:
+    """``[sources.<id>]``: a kind this version supports, a base URL, at most one way to a token."""
+    def bad(key: str, value: Any, why: str) -> ConfigError:
+        return ConfigError(f"sources.{source_id}.{key} = {value!r} (from {origin}): {why}")
+
+    if not _SOURCE_ID.fullmatch(source_id):
+        raise ConfigError(f"[sources.{source_id}] (from {origin}): a source id is 1-63 of a-z 0-9 _ -, "
+                          "starting with a letter or digit")
+    if not isinstance(values, dict):
+        raise ConfigError(f"sources.{source_id} (from {origin}): must be a table")
+    for key in values:
+        if key not in _SOURCE_KEYS:
+            raise ConfigError(f"{origin}: unknown key sources.{source_id}.{key}; known: {', '.join(_SOURCE_KEYS)}")
+    kind = values.get("kind")
+    if kind is None:
+        raise ConfigError(f"sources.{source_id}.kind (from {origin}) is missing: expected one of "
+                          f"{', '.join(SOURCE_KINDS)}")
+    if kind not in SOURCE_KINDS:
+        later = kind in ("huggingface", "ollama", "modelcache")
+        raise bad("kind", kind, "not supported yet: this version downloads from kind 'http' only" if later
+                  else f"expected one of {', '.join(SOURCE_KINDS)}")
+    url = values.get("url")
+    try:
+        url = _url(url)
+    except ValueError as exc:
+        raise bad("url", url, str(exc)) from None
+    if not url or "?" in url or "#" in url or "@" in url.split("/", 3)[2]:
+        raise bad("url", url, "expected a base URL such as https://host/models/ (no query, fragment or user)")
+    token_env, token_file = values.get("token_env"), values.get("token_file")
+    if token_env is not None and (not isinstance(token_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*",
+                                                                                        token_env)):
+        raise bad("token_env", token_env, "expected the name of an environment variable")
+    if token_file is not None:
+        try:
+            token_file = _path(token_file)
+        except ValueError as exc:
+            raise bad("token_file", token_file, str(exc)) from None
+    if token_env and token_file:
+        raise ConfigError(f"sources.{source_id} (from {origin}): give token_env or token_file, not both")
+    return SourceSettings(source_id, kind, url if url.endswith("/") else url + "/", token_env, token_file)
 
 def load(
     config_file: Path | None = None,
@@ -234,10 +315,14 @@ def load(
     """
     env = os.environ if env is None else env
     raw: dict[str, dict[str, tuple[Any, str]]] = {name: {} for name in _PARSERS}
+    sources: dict[str, SourceSettings] = {}
 
     config_file = config_file or (Path(env["MODELCACHE_CONFIG"]) if env.get("MODELCACHE_CONFIG") else None)
     if config_file is not None:
         for section, values in _read_toml(config_file).items():
+            if section == "sources":
+                sources = {sid: _source(sid, v, str(config_file)) for sid, v in values.items()}
+                continue
             for key, value in values.items():
                 raw[section][key] = (value, f"{config_file}")
 
@@ -261,7 +346,7 @@ def load(
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"{section}.{key} = {value!r} (from {origin}): {exc}") from None
         sections[section] = _section_class(section)(**parsed)
-    settings = Settings(**sections)
+    settings = Settings(**sections, sources=sources)
     if settings.database.pool_min_size > settings.database.pool_max_size:
         raise ConfigError(
             f"database.pool_min_size = {settings.database.pool_min_size} is above "
@@ -276,6 +361,7 @@ def _section_class(section: str) -> type:
         "storage": StorageSettings,
         "database": DatabaseSettings,
         "syncd": SyncdSettings,
+        "downloads": DownloadSettings,
         "log": LogSettings,
     }[section]
 
@@ -289,10 +375,12 @@ def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     for section, values in data.items():
-        if section not in _PARSERS:
-            raise ConfigError(f"{path}: unknown section [{section}]; known: {', '.join(_PARSERS)}")
+        if section not in _PARSERS and section != "sources":
+            raise ConfigError(f"{path}: unknown section [{section}]; known: {', '.join(_PARSERS)}, sources")
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: {section} must be a table")
+        if section == "sources":
+            continue  # [sources.<id>] tables are checked by _source
         for key in values:
             if key not in _PARSERS[section]:
                 raise ConfigError(

@@ -56,8 +56,9 @@ def database_label(settings: Settings) -> str:
     return f"embedded PostgreSQL in {settings.data_dir / 'pg'}"
 
 
-async def run(settings: Settings, *, serve: bool = True, watch: bool = True) -> None:
-    """``modelcache run`` (both), ``serve`` (server only) or ``syncd`` (daemon only), until SIGTERM/SIGINT."""
+async def run(settings: Settings, *, serve: bool = True, watch: bool = True, fetch: bool = False) -> None:
+    """``modelcache run`` (all), ``serve`` (server only), ``syncd`` (import daemon only) or ``fetchd``
+    (downloads only), until SIGTERM/SIGINT."""
     from .server.access import connection_options
     from .server.app import create_app
 
@@ -97,10 +98,22 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True) -> 
 
             daemon = SyncDaemon(settings, db)
             await daemon.start()
+        fetcher = None
+        if fetch:
+            from .downloads.worker import DownloadWorker
+            from .store import BlobStore
+
+            store = BlobStore(settings.data_dir)
+            if not serve:  # the server prepares the store itself
+                await asyncio.to_thread(store.prepare)
+            fetcher = DownloadWorker(settings, db, store)
+            await fetcher.start()
         try:
             await stop.wait()
             logger.info("stopping")
         finally:
+            if fetcher is not None:
+                await fetcher.stop()
             if scrubber is not None:
                 background.append(scrubber)
             for task in background:

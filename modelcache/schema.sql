@@ -168,9 +168,19 @@ CREATE TABLE model_downloads (
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     started_at timestamptz,
-    finished_at timestamptz
+    finished_at timestamptz,
+    -- migrations/0004_download_jobs.sql: what was asked (type, expected digest), what came
+    -- (sha256), the recent rate, transfers started, and who rejected or cancelled it and why
+    artifact_type text,
+    expected_sha256 text CHECK (expected_sha256 ~ '^sha256:[0-9a-f]{64}$'),
+    sha256 text CHECK (sha256 ~ '^sha256:[0-9a-f]{64}$'),
+    rate_bytes_per_second bigint,
+    attempts integer NOT NULL DEFAULT 0,
+    decided_by text,
+    reason text
 );
 CREATE INDEX model_downloads_state_idx ON model_downloads (state);
+CREATE INDEX model_downloads_created_idx ON model_downloads (created_at, id);
 
 -- ours: bearer tokens; only the sha256 of the secret is stored.
 CREATE TABLE api_tokens (

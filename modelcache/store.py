@@ -5,6 +5,7 @@ The whole layout, drawn once::
     <data_dir>/
       blobs/sha256/<hex[:2]>/<hex>   verified, immutable blobs (mode 0444)
       tmp/<random>.partial           in-flight writes, each flock()ed by its writer
+      tmp/downloads/<job>.partial    a download's bytes so far, kept across restarts to resume from
       quarantine/<hex>               blobs that failed verification, never served
       import/                        the default import folder (storage.import_dir)
       import/.failed/                files that could not be imported, with a reason file
@@ -15,7 +16,10 @@ A blob path is built only by :meth:`BlobStore.path_for` from a parsed
 from ``tmp/`` after they were hashed (and matched, when a digest was
 expected) and fsynced, so a crash leaves either no blob or a whole one.
 Writers hold an exclusive flock on their temp file: start-up removes every
-temp file nobody holds, which is exactly what a crash left behind.
+temp file nobody holds, which is exactly what a crash left behind. The one
+deliberate exception is ``tmp/downloads/``: a download's partial file outlives
+its process so the next one resumes instead of starting over; it is re-hashed
+when resumed and removed by the worker when its job ends.
 """
 
 from __future__ import annotations
@@ -152,6 +156,40 @@ class TempBlob:
         self.discard()
 
 
+class ResumableTemp(TempBlob):
+    """A download's temp file under a stable name: the bytes already there are hashed on open,
+    and leaving it (an error, a stop) keeps the file for the next attempt; :meth:`drop` removes it."""
+
+    def __init__(self, path: Path, root: Path, fresh: bool = False) -> None:
+        self.path = path
+        self._root = root
+        self._file = open(path, "a+b")  # noqa: SIM115 - closed in close()
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise SourceChanged(f"{path}: another process is writing this download") from None
+        if fresh:
+            self.restart()
+        else:
+            self._file.seek(0)
+            self.hasher = hash_stream(self._file)  # the file's end: appends go on from here
+
+    def restart(self) -> None:
+        """Forget the bytes so far (the upstream file changed): empty the file and the hash."""
+        assert self._file is not None
+        self._file.truncate(0)
+        self._file.seek(0)
+        self.hasher = Hasher()
+
+    def discard(self) -> None:
+        self.close()  # kept: the next attempt resumes from it
+
+    def drop(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
 class BlobStore:
     """The store under one data dir. All methods are blocking: call them through a thread."""
 
@@ -159,6 +197,7 @@ class BlobStore:
         self.root = data_dir
         self.blobs_dir = data_dir / "blobs" / "sha256"
         self.tmp_dir = data_dir / "tmp"
+        self.downloads_dir = self.tmp_dir / "downloads"
         self.quarantine_dir = data_dir / "quarantine"
 
     # -- layout ---------------------------------------------------------------
@@ -177,6 +216,8 @@ class BlobStore:
         removed = 0
         for entry in os.scandir(self.tmp_dir):
             path = Path(entry.path)
+            if path == self.downloads_dir:
+                continue  # partial downloads are resumed, not cleaned (see the layout above)
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
@@ -198,6 +239,18 @@ class BlobStore:
 
     def temp(self) -> TempBlob:
         return TempBlob(self)
+
+    def resumable(self, name: str, fresh: bool = False) -> ResumableTemp:
+        """The partial file of download ``name`` (a job id), reopened to resume (or emptied: ``fresh``)."""
+        if not name.replace("-", "").isalnum():
+            raise InvalidInput(f"invalid download name {name!r}")
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+        return ResumableTemp(self.downloads_dir / f"{name}.partial", self.root, fresh)
+
+    def drop_resumable(self, name: str) -> None:
+        """Remove download ``name``'s partial file and its notes (the job ended)."""
+        for suffix in (".partial", ".json"):
+            (self.downloads_dir / f"{name}{suffix}").unlink(missing_ok=True)
 
     def commit(self, temp: TempBlob, expected: Digest | None = None) -> Blob:
         """Rename a finished temp file into place, read-only.

@@ -209,3 +209,106 @@ def upload(client, path: Path, model, version, vendor, artifact_type, expected):
         body = client.upload(path, {"model": model, "version": version, "vendor": vendor, "type": artifact_type,
                                     "sha256": expected}, bar.update)
     return body, _table(_labelled([body]), _ARTIFACT_COLUMNS) + f"\n{body['digest']}"
+
+
+# -- downloads ------------------------------------------------------------------
+
+_DOWNLOAD_COLUMNS = [("ID", "id"), ("STATE", "state"), ("SOURCE", "source"), ("REFERENCE", "reference"),
+                     ("MODEL", "label"), ("BYTES", "bytes_done"), ("OF", "bytes_total"), ("BY", "requested_by"),
+                     ("ERROR", "problem")]
+_ENDED = ("completed", "failed", "rejected", "cancelled")
+
+
+def _download_rows(downloads: list[dict]) -> list[dict]:
+    for d in downloads:
+        name = f"{d['vendor']}/{d['model']}" if d["vendor"] else d["model"]
+        d["label"] = f"{name}:{d['version']}"
+        d["problem"] = d["error"] or d["reason"]
+    return downloads
+
+
+@main.command()
+@_api_options
+@click.argument("source")
+@click.argument("reference")
+@click.option("--model", required=True)
+@click.option("--version", "version", required=True)
+@click.option("--vendor", default=None)
+@click.option("--type", "artifact_type", default=None, type=click.Choice(ARTIFACT_TYPES))
+@click.option("--sha256", "expected", default=None, help="Expected digest (sha256:<hex>); a mismatch keeps nothing.")
+@click.option("--no-wait", is_flag=True, help="Print the download's id at once instead of following it.")
+def download(client, source, reference, model, version, vendor, artifact_type, expected, no_wait):
+    """Ask the cache to download REFERENCE from SOURCE, and follow it with a progress bar."""
+    body = client.call("POST", "/v1/downloads", body={
+        "source": source, "reference": reference, "model": model, "version": version, "vendor": vendor,
+        "artifact_type": artifact_type, "sha256": expected})
+    if no_wait:
+        return body, body["id"]
+    body = _follow(client, body)
+    if body["state"] != "completed":
+        why = body["error"] or body["reason"] or "no reason given"
+        raise ModelcacheError(f"download {body['id']} {body['state']}: {why}")
+    return body, _table(_download_rows([body]), _DOWNLOAD_COLUMNS) + f"\n{body['digest']}"
+
+
+def _follow(client, body: dict) -> dict:
+    """Poll a download until it ends, drawing its bytes on a bar (stderr, terminals only)."""
+    import time
+
+    told_pending = False
+    with _progress_bar(body["reference"].rsplit("/", 1)[-1], body["bytes_total"]) as bar:
+        while body["state"] not in _ENDED:
+            if body["state"] == "pending_approval" and not told_pending:
+                click.echo(f"download {body['id']} waits for an admin's approval: modelcache approve {body['id']}",
+                           err=True)
+                told_pending = True
+            time.sleep(0.5)
+            body = client.call("GET", f"/v1/downloads/{body['id']}")
+            if body["bytes_total"] is not None and bar.total != body["bytes_total"]:
+                bar.total = body["bytes_total"]
+            bar.update(body["bytes_done"] - bar.n)  # backwards too, when a changed upstream restarts it
+    return body
+
+
+@main.command()
+@_api_options
+@click.option("--state", default=None, help="pending_approval, queued, running, completed, failed, rejected, cancelled")
+@click.option("--source", default=None)
+@click.option("--limit", default=50, show_default=True)
+@click.option("--cursor", default=None)
+def downloads(client, state, source, limit, cursor):
+    """List downloads, newest first."""
+    body = client.call("GET", "/v1/downloads", query={"state": state, "source": source, "limit": limit,
+                                                      "cursor": cursor})
+    table = _table(_download_rows(body["downloads"]), _DOWNLOAD_COLUMNS)
+    if body["next_cursor"]:
+        table += f"\nmore: --cursor {body['next_cursor']}"
+    return body, table
+
+
+@main.command()
+@_api_options
+@click.argument("download_id")
+def approve(client, download_id: str):
+    """Approve a pending download (someone else's)."""
+    body = client.call("POST", f"/v1/downloads/{download_id}/approve")
+    return body, _table(_download_rows([body]), _DOWNLOAD_COLUMNS)
+
+
+@main.command()
+@_api_options
+@click.argument("download_id")
+@click.option("--reason", required=True, help="Why: kept in the audit log and shown to the requester.")
+def reject(client, download_id: str, reason: str):
+    """Reject a pending download."""
+    body = client.call("POST", f"/v1/downloads/{download_id}/reject", body={"reason": reason})
+    return body, _table(_download_rows([body]), _DOWNLOAD_COLUMNS)
+
+
+@main.command()
+@_api_options
+@click.argument("download_id")
+def cancel(client, download_id: str):
+    """Cancel a download that has not ended (a running transfer stops and its partial file is removed)."""
+    body = client.call("POST", f"/v1/downloads/{download_id}/cancel")
+    return body, _table(_download_rows([body]), _DOWNLOAD_COLUMNS)

@@ -1,4 +1,4 @@
-"""The long-running processes: run, serve, syncd."""
+"""The long-running processes: run, serve, syncd, fetchd."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from . import _host_options, main
 @main.command()
 @_host_options(with_listen=True)
 def run(settings: Settings) -> None:
-    """Run the server and the import daemon in one process (embedded PostgreSQL when no dsn)."""
+    """Run the server, the import daemon and the downloads in one process (embedded PostgreSQL when no dsn)."""
     from ..runtime import run as run_process
 
-    asyncio.run(run_process(settings, serve=True, watch=True))
+    asyncio.run(run_process(settings, serve=True, watch=True, fetch=True))
 
 
 @main.command()
@@ -37,3 +37,10 @@ def syncd(settings: Settings) -> None:
     asyncio.run(run_process(settings, serve=False, watch=True))
 
 
+@main.command()
+@_host_options(with_listen=False)
+def fetchd(settings: Settings) -> None:
+    """Run the downloads only (for sites that want upstream traffic in a process of its own)."""
+    from ..runtime import run as run_process
+
+    asyncio.run(run_process(settings, serve=False, watch=False, fetch=True))

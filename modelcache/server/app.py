@@ -16,7 +16,7 @@ from . import health
 from .blobs import serve as blobs
 from .hf import routes as hf
 from .oci import routes as oci
-from .v1 import admin, api, imports, openapi, registry  # noqa: F401 - the API modules declare endpoints
+from .v1 import admin, api, downloads, imports, openapi, registry  # noqa: F401 - the API modules declare endpoints
 from .catalog import Catalog
 from .keys import CATALOG, DATABASE, METRICS, OPENAPI, SETTINGS, STORE
 from .errors import errors_middleware

@@ -17,11 +17,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from .. import preferences
-from ..db import artifacts, audit, blobs
+from ..db import artifacts, audit, blobs, downloads
 from ..errors import DatabaseUnavailable
 from .keys import CATALOG, DATABASE, METRICS
 
 logger = logging.getLogger(__name__)
+
+DOWNLOAD_STATES = ("pending_approval", "queued", "running", "completed", "failed", "rejected", "cancelled")
 
 
 class Metrics:
@@ -40,6 +42,7 @@ class Metrics:
         self._requests_by: dict[tuple[str, int], Any] = {}
         self.download_bytes = Gauge("modelcache_download_bytes", "Bytes fetched by user-directed downloads",
                                     registry=r)
+        self.downloads = Gauge("modelcache_downloads", "User-directed downloads, by state", ["state"], registry=r)
 
     def count(self, method: str, status: int) -> None:
         child = self._requests_by.get((method, status))
@@ -59,6 +62,7 @@ class Metrics:
                 by_state = await artifacts.counts_by_state(conn)
                 events = await audit.event_counts(conn)
                 downloaded = await audit.download_bytes(conn)
+                download_states = await downloads.counts_by_state(conn)
         except DatabaseUnavailable as exc:
             logger.debug("metrics from the registry unavailable: %s", exc.detail)
             return
@@ -69,6 +73,8 @@ class Metrics:
         for (action, outcome), n in events.items():
             self.events.labels(action, outcome or "").set(n)
         self.download_bytes.set(downloaded)
+        for state in DOWNLOAD_STATES:
+            self.downloads.labels(state).set(download_states.get(state, 0))
 
 
 @web.middleware

@@ -1,0 +1,319 @@
+"""The download jobs one process runs (``modelcache run`` or ``modelcache fetchd``).
+
+Jobs are claimed from PostgreSQL (``db/downloads.py``: ``FOR UPDATE SKIP
+LOCKED`` plus an advisory lock held on this worker's own connection while the
+transfer runs, so two processes never run one job and a job whose process died
+is taken over at once). Workers wake on ``NOTIFY modelcache_downloads`` and
+look anyway every ``downloads.poll_seconds``.
+
+The bytes go through the import road: :func:`~modelcache.imports.ingest_stream`
+hashes them while writing a resumable partial file in ``tmp/downloads/``, then
+:func:`~modelcache.imports.register` records the artifact (and enforces the
+eviction policy). Progress and rate are written to the job's row once a second
+by a loop beside the transfer, never per chunk; that loop also notices a cancel.
+A stop (SIGTERM) leaves the job ``running`` and its partial file in place: the
+next worker resumes it from the bytes on disk, checked against the upstream's
+validator with ``If-Range``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import PurePosixPath
+from typing import Any
+
+from .. import preferences
+from ..config import Settings
+from ..db import Database, audit, downloads
+from ..digest import Digest
+from ..errors import DatabaseUnavailable, ModelcacheError
+from ..imports import ImportRequest, ingest_stream, register
+from ..store import BlobStore
+from .policy import HopPolicy, check_allowed
+from .requests import RESOURCE, label, requester
+from .sources import find_source
+from .transfer import Transfer, UpstreamChanged, open_session
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_SECONDS = 1.0
+MAX_RESTARTS = 3  # an upstream that changes under us this often in one attempt fails the job
+
+
+class DownloadWorker:
+    """Claims and runs download jobs until :meth:`stop`."""
+
+    def __init__(self, settings: Settings, db: Database, store: BlobStore | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store or BlobStore(settings.data_dir)
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._jobs: dict[uuid.UUID, asyncio.Task] = {}
+        self._transfers: dict[uuid.UUID, Transfer] = {}
+        self._cancelled: set[uuid.UUID] = set()
+        self._lock: Any = None  # the connection holding this worker's job locks
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.store.downloads_dir.mkdir, parents=True, exist_ok=True)
+        self._tasks = [
+            asyncio.create_task(self.db.listen([downloads.CHANNEL], self._notified, self._reconnected, self._stop),
+                                name="downloads-listen"),
+            asyncio.create_task(self._claim_forever(), name="downloads-claim"),
+        ]
+        logger.info("downloads: up to %d at once, sources: %s", self.settings.downloads.workers,
+                    ", ".join(f"{s.id} ({s.kind} {s.url})" for s in self.settings.sources.values()) or "none")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _notified(self, channel: str, payload: str) -> None:
+        self._wake.set()
+
+    async def _reconnected(self) -> None:
+        self._wake.set()  # look for what was queued while notifications were lost
+
+    async def _claim_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                async with self.db.dedicated_connection() as lock:
+                    self._lock = lock
+                    while not self._stop.is_set():
+                        while len(self._jobs) < self.settings.downloads.workers:
+                            job = await self._claim()
+                            if job is None:
+                                break
+                            self._jobs[job["id"]] = asyncio.create_task(self._supervise(job),
+                                                                        name=f"download-{job['id']}")
+                        await self._sleep()
+                        await lock.execute("SELECT 1")  # the locks live as long as this connection
+            except (DatabaseUnavailable, OSError) as exc:
+                logger.warning("downloads: lost the database (%s); running transfers stop and resume later",
+                               getattr(exc, "detail", exc))
+            except asyncio.CancelledError:
+                await self._stop_jobs()
+                raise
+            except Exception as exc:  # psycopg errors on the lock connection
+                logger.warning("downloads: the job-lock connection failed (%s); transfers stop and resume later",
+                               str(exc).strip() or type(exc).__name__)
+            await self._stop_jobs()
+            self._lock = None
+            if not self._stop.is_set():
+                await asyncio.sleep(1)
+
+    async def _sleep(self) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.settings.downloads.poll_seconds)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+        for job_id in [j for j, t in self._jobs.items() if t.done()]:
+            del self._jobs[job_id]
+
+    async def _stop_jobs(self) -> None:
+        """Stop running transfers, leaving them ``running`` with their partial files for the next worker."""
+        jobs = list(self._jobs.values())
+        for task in jobs:
+            task.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        self._jobs.clear()
+
+    async def _claim(self) -> dict | None:
+        async with self.db.transaction() as conn:
+            for row in await downloads.claim_candidates(conn):
+                if row["id"] in self._jobs or not await downloads.try_own(self._lock, row["id"]):
+                    continue  # ours already, or another process runs it
+                claimed = await downloads.update_download(
+                    conn, row["id"], ("queued", "running"), state="running", attempts=row["attempts"] + 1,
+                    error=None, stamp="started")
+                return {**claimed, "resumed": row["state"] == "running" or row["attempts"] > 0}
+        return None
+
+    # -- one job ---------------------------------------------------------------
+
+    async def _supervise(self, job: dict) -> None:
+        """Run a job's transfer beside its progress loop; record how it ended."""
+        job_id = job["id"]
+        started = time.monotonic()
+        task = asyncio.create_task(self._transfer(job), name=f"transfer-{job_id}")
+        last_at, last_bytes, rate = started, None, None
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=PROGRESS_SECONDS)
+                if done:
+                    break
+                transfer = self._transfers.get(job_id)
+                if transfer is None:
+                    continue
+                now = time.monotonic()
+                if last_bytes is not None and now > last_at:
+                    rate = int(max(transfer.offset - last_bytes, 0) / (now - last_at))
+                last_at, last_bytes = now, transfer.offset
+                if not await self._progress(job_id, transfer.offset, transfer.total, rate):
+                    self._cancelled.add(job_id)
+                    task.cancel()
+            result = task.result()
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if job_id in self._cancelled:
+                await self._cancelled_by_user(job)
+                return
+            logger.info("download %s stopped at byte %d; the next worker resumes it from %s", job_id,
+                        self._transfers[job_id].offset if job_id in self._transfers else 0,
+                        self.store.downloads_dir)
+            raise
+        except ModelcacheError as exc:
+            await self._fail(job, exc.detail, started)
+            return
+        except Exception as exc:
+            logger.exception("download %s failed with an unexpected error", job_id)
+            await self._fail(job, f"unexpected error: {type(exc).__name__}: {exc}", started)
+            return
+        finally:
+            self._transfers.pop(job_id, None)
+            await self._disown(job_id)
+        if job_id in self._cancelled:
+            await self._cancelled_by_user(job)
+            return
+        await self._complete(job, result, started)
+
+    async def _transfer(self, job: dict) -> Any:
+        job_id = job["id"]
+        source = find_source(self.settings, job["source"])
+        allowed = (await preferences.effective(self.db))["models.download.allowed_sources"]
+        check_allowed(source, allowed)  # the policy may have changed since the request
+        url = source.url_for(job["reference"])
+        req = ImportRequest.parse(PurePosixPath(job["reference"]).name, job["model_name"], job["version"],
+                                  job["model_vendor"], job["artifact_type"], source_uri=url)
+        expected = Digest.parse(job["expected_sha256"]) if job["expected_sha256"] else None
+        policy = HopPolicy(source, allowed, self.settings.downloads.max_redirects)
+        notes_path = self.store.downloads_dir / f"{job_id}.json"
+        notes = await asyncio.to_thread(_read_notes, notes_path)
+        fresh = False
+        async with open_session(policy, self.settings.downloads) as session:
+            transfer = Transfer(session, policy, url, source.token())
+            for restart in range(MAX_RESTARTS + 1):
+                # reopened each attempt: the bytes a past attempt (or process) left are hashed again
+                temp = await asyncio.to_thread(self.store.resumable, str(job_id), fresh)
+                try:
+                    have = temp.hasher.size
+                    response = await transfer.open(have, notes.get("validator") if have else None)
+                    if transfer.offset != have:
+                        logger.info("download %s: %s sent the whole file instead of the bytes from %d on "
+                                    "(it changed, or ignores ranges); starting over", job_id, url, have)
+                        await asyncio.to_thread(temp.restart)
+                    notes = {"validator": transfer.validator, "total": transfer.total}
+                    await asyncio.to_thread(_write_notes, notes_path, notes)
+                    await self._started(job, transfer, resumed=transfer.offset > 0 or job["resumed"] or restart > 0)
+                    self._transfers[job_id] = transfer
+                    ingested = await ingest_stream(self.db, self.store, req, transfer.chunks(response),
+                                                   expected=expected, total=transfer.total, temp=temp)
+                except UpstreamChanged as exc:
+                    if restart == MAX_RESTARTS:
+                        raise
+                    logger.info("download %s: %s", job_id, exc.detail)
+                    fresh, notes = True, {}
+                    continue
+                finally:
+                    temp.close()  # kept on disk unless committed: the next attempt resumes from it
+                return await register(self.db, self.store, req, ingested, requester(job))
+        raise AssertionError("unreachable")
+
+    async def _progress(self, job_id: uuid.UUID, done: int, total: int | None, rate: int | None) -> bool:
+        try:
+            async with self.db.connection() as conn:
+                return await downloads.record_progress(conn, job_id, done, total, rate)
+        except DatabaseUnavailable as exc:
+            logger.warning("download %s: progress not recorded: %s", job_id, exc.detail)
+            return True
+
+    async def _disown(self, job_id: uuid.UUID) -> None:
+        if self._lock is None:
+            return
+        try:
+            await downloads.disown(self._lock, job_id)
+        except Exception as exc:  # a broken lock connection released it already
+            logger.debug("download %s: unlock failed: %s", job_id, exc)
+
+    # -- state changes, each audited and logged once ---------------------------
+
+    async def _started(self, job: dict, transfer: Transfer, resumed: bool) -> None:
+        verb = "resume" if resumed else "start"
+        async with self.db.connection() as conn:
+            await audit.audit(conn, requester(job), f"model_download.{verb}", RESOURCE, str(job["id"]),
+                              outcome="running",
+                              details={"source": job["source"], "reference": job["reference"],
+                                       "from_byte": transfer.offset, "bytes_total": transfer.total,
+                                       "attempt": job["attempts"]})
+        logger.info("download %s %s: %s:%s as %s from byte %d of %s", job["id"],
+                    "resumed" if resumed else "started", job["source"], job["reference"], label(job),
+                    transfer.offset, transfer.total if transfer.total is not None else "unknown")
+
+    async def _complete(self, job: dict, result: Any, started: float) -> None:
+        seconds = time.monotonic() - started
+        async with self.db.transaction() as conn:
+            row = await downloads.update_download(
+                conn, job["id"], ("running",), state="completed", sha256=str(result.digest),
+                artifact_id=result.artifact_id, bytes_done=result.size, bytes_total=result.size,
+                rate_bytes_per_second=int(result.size / seconds) if seconds > 0 else None, stamp="finished")
+            if row is not None:
+                await audit.audit(conn, requester(job), "model_download.complete", RESOURCE, str(job["id"]),
+                                  outcome="completed",
+                                  details={"source": job["source"], "reference": job["reference"],
+                                           "bytes": result.size, "digest": str(result.digest),
+                                           "seconds": round(seconds, 3), "artifact_id": str(result.artifact_id)})
+        await asyncio.to_thread(self.store.drop_resumable, str(job["id"]))
+        if row is None:  # cancelled in its last second: the cancel stands, the artifact stays registered
+            logger.info("download %s was cancelled as it completed; %s stays registered", job["id"], result.digest)
+            return
+        logger.info("download %s completed: %s:%s as %s: %s, %d bytes in %.1fs", job["id"], job["source"],
+                    job["reference"], label(job), result.digest, result.size, seconds)
+
+    async def _fail(self, job: dict, reason: str, started: float) -> None:
+        seconds = time.monotonic() - started
+        transfer = self._transfers.get(job["id"])
+        try:
+            async with self.db.transaction() as conn:
+                row = await downloads.update_download(conn, job["id"], ("running",), state="failed", error=reason,
+                                                      stamp="finished")
+                if row is not None:
+                    await audit.audit(conn, requester(job), "model_download.fail", RESOURCE, str(job["id"]),
+                                      outcome="failed", reason=reason,
+                                      details={"source": job["source"], "reference": job["reference"],
+                                               "bytes": transfer.offset if transfer else row["bytes_done"],
+                                               "digest": None, "seconds": round(seconds, 3)})
+        except DatabaseUnavailable as exc:
+            logger.error("download %s failed (%s) and could not be recorded: %s", job["id"], reason, exc.detail)
+            return  # still running in the registry: the next worker tries again
+        await asyncio.to_thread(self.store.drop_resumable, str(job["id"]))
+        logger.warning("download %s failed: %s:%s as %s: %s", job["id"], job["source"], job["reference"],
+                       label(job), reason)
+
+    async def _cancelled_by_user(self, job: dict) -> None:
+        self._cancelled.discard(job["id"])
+        await asyncio.to_thread(self.store.drop_resumable, str(job["id"]))
+        logger.info("download %s cancelled while running: %s:%s; its partial file was removed", job["id"],
+                    job["source"], job["reference"])
+
+
+def _read_notes(path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _write_notes(path, notes: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(notes))
+    tmp.replace(path)

@@ -1,0 +1,607 @@
+"""Downloads from real upstream servers on loopback: Debian's nginx, and a TCP proxy that cuts connections.
+
+Never a mock of our own client: nginx serves real files with real ETags and
+ranges; the proxy is a real TCP server between us and nginx that drops a
+response after N bytes (and may change the file meanwhile); the crash test
+kills a real ``modelcache run`` and starts it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from conftest import gguf_bytes, run_cli
+from modelcache import config, preferences
+from modelcache.auth import Subject
+from modelcache.downloads.worker import DownloadWorker
+from modelcache.errors import ConfigError
+from modelcache.server.keys import CATALOG
+
+pytestmark = pytest.mark.registry
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+needs_nginx = pytest.mark.skipif(NGINX is None, reason="Debian's nginx is not installed (apt-get install nginx)")
+ENDED = ("completed", "failed", "rejected", "cancelled")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Nginx:
+    """nginx serving ``root`` on a free 127.0.0.1 port; its access log records status, bytes and ranges."""
+
+    def __init__(self, root: Path, workdir: Path, rate: str = "8m") -> None:
+        self.root, self.workdir, self.port = root, workdir, free_port()
+        self.log = workdir / "access.log"
+        user = "user root root;" if os.geteuid() == 0 else ""
+        temps = "\n".join(f"{name}_temp_path {workdir}/{name};" for name in
+                          ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (workdir / "nginx.conf").write_text(f"""
+daemon off;
+{user}
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+  log_format bytes '$status $body_bytes_sent "$http_range" "$http_if_range" $uri';
+  access_log {self.log} bytes;
+  {temps}
+  default_type application/octet-stream;
+  server {{
+    listen 127.0.0.1:{self.port};
+    root {root};
+    location /slow/ {{ alias {root}/; limit_rate {rate}; }}
+    location /slower/ {{ alias {root}/; limit_rate 1m; }}
+    location = /redirect/metadata {{ return 302 http://169.254.169.254/latest/meta-data/; }}
+    location = /redirect/other-host {{ return 302 http://localhost:{self.port}/files/model.gguf; }}
+    location = /redirect/same {{ return 302 /files/model.gguf; }}
+  }}
+}}
+""")
+        with open(workdir / "stderr.log", "wb") as err:
+            self.proc = subprocess.Popen([NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf")],
+                                         stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 10
+        while True:
+            assert self.proc.poll() is None, f"nginx exited: {(workdir / 'stderr.log').read_text()}"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nginx did not listen within 10s"
+                time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def entries(self) -> list[dict]:
+        """The access log: one dict per request (status, bytes, range, if_range, uri)."""
+        out = []
+        for line in self.log.read_text().splitlines():
+            status, sent, rng, if_range, uri = line.split(" ", 4)
+            out.append({"status": int(status), "bytes": int(sent), "range": rng.strip('"'),
+                        "if_range": if_range.strip('"'), "uri": uri})
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    if NGINX is None:
+        pytest.skip("Debian's nginx is not installed (apt-get install nginx)")
+    root, work = tmp_path / "www", tmp_path / "nginx"
+    (root / "files").mkdir(parents=True)
+    work.mkdir()
+    os.chmod(tmp_path, 0o755)
+    server = Nginx(root, work)
+    yield server
+    server.stop()
+
+
+def put(nginx: Nginx, name: str, content: bytes) -> str:
+    """Serve ``content`` as files/<name>; returns its digest."""
+    path = nginx.root / "files" / name
+    tmp = path.with_suffix(".new")
+    tmp.write_bytes(content)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return "sha256:" + hashlib.sha256(content).hexdigest()
+
+
+class CuttingProxy:
+    """A real TCP proxy on loopback in front of nginx: the first ``cuts`` responses end after ``after`` bytes."""
+
+    def __init__(self, upstream_port: int, after: int, cuts: int = 1, on_cut=None) -> None:
+        self.upstream_port, self.after, self.cuts, self.on_cut = upstream_port, after, cuts, on_cut
+        self.connections = 0
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/"
+
+    async def _handle(self, reader, writer) -> None:
+        n = self.connections
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+                await up_writer.drain()
+
+        forward = asyncio.create_task(upstream())
+        sent = 0
+        try:
+            while data := await up_reader.read(65536):
+                if n < self.cuts and sent + len(data) >= self.after:
+                    writer.write(data[:self.after - sent])
+                    await writer.drain()
+                    if self.on_cut:
+                        self.on_cut()
+                    writer.transport.abort()  # a reset, mid-body
+                    return
+                writer.write(data)
+                await writer.drain()
+                sent += len(data)
+        except ConnectionError:
+            pass
+        finally:
+            forward.cancel()
+            up_writer.close()
+            writer.close()
+
+    async def stop(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def make_download_settings(tmp_path, dsn):
+    """Settings with ``[sources.<id>]`` tables (written to a real config file)."""
+
+    def make(sources: dict[str, str], **overrides) -> config.Settings:
+        lines = []
+        for sid, url in sources.items():
+            lines += [f"[sources.{sid}]", 'kind = "http"', f'url = "{url}"', ""]
+        lines += ["[downloads]", "poll_seconds = 0.2", "read_timeout = 5"]
+        path = tmp_path / "modelcache.toml"
+        path.write_text("\n".join(lines) + "\n")
+        values = {"storage.data_dir": str(tmp_path / "data"), "database.dsn": dsn, **overrides}
+        return config.load(path, env={}, overrides=values)
+
+    return make
+
+
+async def allow(db, *sources: str, approval: bool = False) -> None:
+    await preferences.set_preference(db, "models.download.allowed_sources", list(sources), Subject.local())
+    await preferences.set_preference(db, "models.download.require_user_approval", approval, Subject.local())
+
+
+@pytest.fixture
+async def worker(db, store):
+    started = []
+
+    async def start(settings: config.Settings) -> DownloadWorker:
+        w = DownloadWorker(settings, db, store)
+        await w.start()
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        await w.stop()
+
+
+def bearer(secret: str) -> dict:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+async def request_download(http, server, token, **body) -> dict:
+    async with http.post(server.make_url("/v1/downloads"), json=body, headers=bearer(token)) as r:
+        answer = await r.json()
+        assert r.status == 202, answer
+        return answer
+
+
+async def wait_for(http, server, token, download_id, states=ENDED, timeout=30, until=None) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        async with http.get(server.make_url(f"/v1/downloads/{download_id}"), headers=bearer(token)) as r:
+            body = await r.json()
+        if body["state"] in states or (until and until(body)):
+            return body
+        assert time.monotonic() < deadline, f"download still {body['state']} after {timeout}s: {body}"
+        await asyncio.sleep(0.1)
+
+
+def audit_rows(dsn: str, action: str) -> list[tuple]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT decision, outcome, reason, details FROM model_audit_log WHERE action = %s "
+                            "ORDER BY created_at", (action,)).fetchall()
+
+
+def held_blobs(dsn: str, data_dir: Path) -> list[Path]:
+    """The blob files the registry lists."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT DISTINCT blob_digest FROM artifact_files").fetchall()
+    return sorted(data_dir / "blobs" / "sha256" / d[7:9] / d[7:] for (d,) in rows)
+
+
+def blob_files(data_dir: Path) -> list[Path]:
+    return sorted(p for p in (data_dir / "blobs").rglob("*") if p.is_file())
+
+
+# -- configuration ----------------------------------------------------------------
+
+
+def test_sources_config(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[sources.mirror]\nkind = "http"\nurl = "https://models.example/pub"\ntoken_env = "MIRROR_TOKEN"\n')
+    settings = config.load(path, env={})
+    assert settings.sources["mirror"].url == "https://models.example/pub/"
+    assert settings.sources["mirror"].token_env == "MIRROR_TOKEN"
+    path.write_text('[sources.hub]\nkind = "huggingface"\nurl = "https://huggingface.co"\n')
+    with pytest.raises(ConfigError, match=r"sources\.hub\.kind = 'huggingface'.*not supported yet"):
+        config.load(path, env={})
+    path.write_text('[sources.x]\nkind = "http"\nurl = "ftp://x"\n')
+    with pytest.raises(ConfigError, match=r"sources\.x\.url = 'ftp://x'"):
+        config.load(path, env={})
+
+
+# -- requests, approval, policy ---------------------------------------------------
+
+
+@needs_nginx
+async def test_approval_flow_then_transfer_registers_and_serves(
+        nginx, make_download_settings, start_server, worker, db, dsn, http, make_token):
+    content = gguf_bytes(n_floats=64 * 1024)
+    digest = put(nginx, "model.gguf", content)
+    settings = make_download_settings({"local": nginx.url})
+    await allow(db, "local", approval=True)
+    server = await start_server(settings)
+    await worker(settings)
+    operator, admin, other_admin = await make_token("operator", "op"), await make_token("admin", "boss"), \
+        await make_token("admin", "boss2")
+
+    asked = await request_download(http, server, operator, source="local", reference="files/model.gguf",
+                                   model="tiny", version="1", sha256=digest)
+    assert asked["state"] == "pending_approval" and asked["requested_by"] == "token:op"
+    # the requester may not approve their own, whatever their role
+    own = await request_download(http, server, admin, source="local", reference="files/model.gguf",
+                                 model="tiny", version="2")
+    async with http.post(server.make_url(f"/v1/downloads/{own['id']}/approve"), headers=bearer(admin)) as r:
+        assert r.status == 403 and r.content_type == "application/problem+json"
+        assert "may not approve" in (await r.json())["detail"]
+    async with http.post(server.make_url(f"/v1/downloads/{asked['id']}/approve"), headers=bearer(operator)) as r:
+        assert r.status == 403  # operators may not approve at all
+    async with http.post(server.make_url(f"/v1/downloads/{asked['id']}/approve"), headers=bearer(admin)) as r:
+        assert r.status == 200 and (await r.json())["approved_by"] == "token:boss"
+
+    done = await wait_for(http, server, admin, asked["id"])
+    assert done["state"] == "completed", done
+    assert done["digest"] == digest and done["bytes_done"] == done["bytes_total"] == len(content)
+    assert done["started_at"] and done["finished_at"] and done["artifact_id"]
+    await server.app[CATALOG].reload()
+    async with http.get(server.make_url(f"/v1/blobs/{digest}"), headers=bearer(admin)) as r:
+        assert r.status == 200 and await r.read() == content
+    # reject with a reason; a rejected request cannot be approved afterwards
+    async with http.post(server.make_url(f"/v1/downloads/{own['id']}/reject"), json={"reason": "not needed"},
+                         headers=bearer(other_admin)) as r:
+        body = await r.json()
+        assert r.status == 200 and body["state"] == "rejected" and body["reason"] == "not needed"
+    async with http.post(server.make_url(f"/v1/downloads/{own['id']}/approve"), headers=bearer(other_admin)) as r:
+        assert r.status == 409
+    # the list filters and pages
+    async with http.get(server.make_url("/v1/downloads"), params={"state": "completed"}, headers=bearer(admin)) as r:
+        assert [d["id"] for d in (await r.json())["downloads"]] == [asked["id"]]
+    async with http.get(server.make_url("/v1/downloads"), params={"limit": "1"}, headers=bearer(admin)) as r:
+        first = await r.json()
+    async with http.get(server.make_url("/v1/downloads"), params={"limit": "1", "cursor": first["next_cursor"]},
+                        headers=bearer(admin)) as r:
+        second = await r.json()
+    assert {first["downloads"][0]["id"], second["downloads"][0]["id"]} == {asked["id"], own["id"]}
+    # audited: requested, approved (and the refused self-approval), started, completed, rejected
+    assert [r[0] for r in audit_rows(dsn, "model_download.approve")] == ["deny", "deny", "allow"]
+    complete = audit_rows(dsn, "model_download.complete")
+    assert complete[0][3]["digest"] == digest and complete[0][3]["bytes"] == len(content)
+    assert audit_rows(dsn, "model_download.start") and audit_rows(dsn, "model_download.reject")[0][2] == "not needed"
+    async with http.get(server.make_url("/metrics")) as r:
+        metrics = await r.text()
+    assert 'modelcache_downloads{state="completed"} 1.0' in metrics
+    assert 'modelcache_downloads{state="rejected"} 1.0' in metrics
+    assert f"modelcache_download_bytes {float(len(content))}" in metrics
+
+
+@needs_nginx
+async def test_a_source_not_allowed_is_refused_and_audited(nginx, make_download_settings, start_server, db, dsn,
+                                                           http, make_token):
+    settings = make_download_settings({"local": nginx.url})
+    await allow(db, "elsewhere")
+    server = await start_server(settings)
+    token = await make_token("operator")
+    async with http.post(server.make_url("/v1/downloads"), headers=bearer(token), json={
+            "source": "local", "reference": "files/model.gguf", "model": "tiny", "version": "1"}) as r:
+        body = await r.json()
+    assert r.status == 403 and r.content_type == "application/problem+json"
+    assert "models.download.allowed_sources" in body["detail"]
+    [(decision, outcome, reason, _)] = audit_rows(dsn, "model_download.request")
+    assert decision == "deny" and "models.download.allowed_sources" in reason
+    async with http.post(server.make_url("/v1/downloads"), headers=bearer(token), json={
+            "source": "nowhere", "reference": "x.gguf", "model": "tiny", "version": "1"}) as r:
+        assert r.status == 404 and "no source 'nowhere'" in (await r.json())["detail"]
+    async with http.post(server.make_url("/v1/downloads"), headers=bearer(token), json={
+            "source": "local", "reference": "../etc/passwd", "model": "tiny", "version": "1"}) as r:
+        assert r.status == 400 and "invalid reference" in (await r.json())["detail"]
+
+
+@needs_nginx
+async def test_redirects_are_checked_hop_by_hop(nginx, make_download_settings, start_server, worker, db, dsn, http,
+                                                make_token):
+    digest = put(nginx, "model.gguf", gguf_bytes(n_floats=1024))
+    settings = make_download_settings({"local": nginx.url})
+    await allow(db, "local")
+    server = await start_server(settings)
+    await worker(settings)
+    token = await make_token("operator")
+    ids = {}
+    for case in ("metadata", "other-host", "same"):
+        asked = await request_download(http, server, token, source="local", reference=f"redirect/{case}",
+                                       model="tiny", version=case, artifact_type="gguf")
+        ids[case] = asked["id"]
+    results = {case: await wait_for(http, server, token, i) for case, i in ids.items()}
+    assert results["same"]["state"] == "completed" and results["same"]["digest"] == digest
+    for case in ("metadata", "other-host"):
+        assert results[case]["state"] == "failed"
+        assert "download policy internal_address" in results[case]["error"]
+    assert "169.254.169.254" in results["metadata"]["error"] and "localhost" in results["other-host"]["error"]
+    reasons = [r[2] for r in audit_rows(dsn, "model_download.fail")]
+    assert len(reasons) == 2 and all("internal_address" in r for r in reasons)
+    # nothing was requested from the refused hops: nginx saw only the redirects and the one good file
+    assert sorted(e["uri"] for e in nginx.entries()) == sorted(
+        ["/redirect/metadata", "/redirect/other-host", "/redirect/same", "/files/model.gguf"])
+
+
+@needs_nginx
+async def test_a_lying_source_keeps_nothing(nginx, make_download_settings, start_server, worker, db, store, http,
+                                            make_token):
+    put(nginx, "model.gguf", gguf_bytes(n_floats=4096))
+    claimed = "sha256:" + "0" * 64
+    settings = make_download_settings({"local": nginx.url})
+    await allow(db, "local")
+    server = await start_server(settings)
+    await worker(settings)
+    token = await make_token("operator")
+    asked = await request_download(http, server, token, source="local", reference="files/model.gguf",
+                                   model="tiny", version="1", sha256=claimed)
+    done = await wait_for(http, server, token, asked["id"])
+    assert done["state"] == "failed" and f"expected {claimed}" in done["error"]
+    assert blob_files(store.root) == [] and list(store.downloads_dir.iterdir()) == []
+    async with http.get(server.make_url("/v1/artifacts"), headers=bearer(token)) as r:
+        assert (await r.json())["artifacts"] == []
+
+
+# -- transfer: drops, changes, cancel ---------------------------------------------
+
+
+@needs_nginx
+async def test_a_dropped_connection_resumes_with_range_and_if_range(
+        nginx, make_download_settings, start_server, worker, db, http, make_token):
+    content = gguf_bytes(n_floats=1 << 20)  # 4 MiB
+    digest = put(nginx, "model.gguf", content)
+    proxy = CuttingProxy(nginx.port, after=1_500_000)
+    url = await proxy.start()
+    settings = make_download_settings({"cut": url})
+    await allow(db, "cut")
+    server = await start_server(settings)
+    await worker(settings)
+    token = await make_token("operator")
+    asked = await request_download(http, server, token, source="cut", reference="files/model.gguf", model="tiny",
+                                   version="1")
+    done = await wait_for(http, server, token, asked["id"])
+    await proxy.stop()
+    assert done["state"] == "completed", done
+    assert done["digest"] == digest and done["artifact_id"]
+    first, second = nginx.entries()
+    assert first["status"] == 200 and first["range"] == "-"
+    assert second["status"] == 206 and second["range"].startswith("bytes=") and second["if_range"] != "-"
+    resumed_from = int(second["range"][6:-1])
+    assert 1_000_000 < resumed_from < 1_500_000
+    assert resumed_from + second["bytes"] == len(content)
+
+
+@needs_nginx
+async def test_a_file_changed_between_attempts_starts_over(nginx, make_download_settings, start_server, worker, db,
+                                                          http, make_token):
+    put(nginx, "model.gguf", gguf_bytes(n_floats=1 << 20))
+    new = gguf_bytes(n_floats=(1 << 20) + 1024)  # another size: nginx's ETag changes even within one second
+    proxy = CuttingProxy(nginx.port, after=1_000_000, on_cut=lambda: put(nginx, "model.gguf", new))
+    url = await proxy.start()
+    settings = make_download_settings({"cut": url})
+    await allow(db, "cut")
+    server = await start_server(settings)
+    await worker(settings)
+    token = await make_token("operator")
+    asked = await request_download(http, server, token, source="cut", reference="files/model.gguf", model="tiny",
+                                   version="1")
+    done = await wait_for(http, server, token, asked["id"])
+    await proxy.stop()
+    assert done["state"] == "completed", done
+    assert done["digest"] == "sha256:" + hashlib.sha256(new).hexdigest()  # never a splice of two versions
+    entries = nginx.entries()
+    assert entries[0]["status"] == 200
+    assert entries[1]["if_range"] != "-" and entries[1]["status"] == 200  # If-Range no longer matched
+    assert entries[-1]["status"] == 200 and entries[-1]["range"] == "-"
+
+
+@needs_nginx
+async def test_cancel_a_running_download(nginx, make_download_settings, start_server, worker, db, store, http,
+                                         make_token):
+    put(nginx, "model.gguf", gguf_bytes(n_floats=2 << 20))  # 8 MiB at 1 MiB/s
+    settings = make_download_settings({"slow": nginx.url + "slower/"})
+    await allow(db, "slow")
+    server = await start_server(settings)
+    await worker(settings)
+    token = await make_token("operator")
+    asked = await request_download(http, server, token, source="slow", reference="files/model.gguf", model="tiny",
+                                   version="1")
+    running = await wait_for(http, server, token, asked["id"], until=lambda b: b["rate_bytes_per_second"])
+    assert running["state"] == "running" and 0 < running["bytes_done"] < running["bytes_total"]
+    assert 0 < running["eta_seconds"] < 60 and running["rate_bytes_per_second"] < 4 << 20
+    async with http.post(server.make_url(f"/v1/downloads/{asked['id']}/cancel"), headers=bearer(token)) as r:
+        assert r.status == 200 and (await r.json())["state"] == "cancelled"
+    deadline = time.monotonic() + 10
+    while list(store.downloads_dir.iterdir()):
+        assert time.monotonic() < deadline, list(store.downloads_dir.iterdir())
+        await asyncio.sleep(0.1)
+    assert blob_files(store.root) == []
+    done = await wait_for(http, server, token, asked["id"])
+    assert done["state"] == "cancelled" and done["decided_by"].startswith("token:")
+
+
+# -- a killed process resumes from disk ---------------------------------------------
+
+
+@needs_nginx
+async def test_killing_run_mid_download_resumes_from_disk(nginx, tmp_path, dsn, db, make_token, http):
+    content = gguf_bytes(n_floats=6 << 20)  # 24 MiB at 8 MiB/s: about 3 s
+    digest = put(nginx, "model.gguf", content)
+    await allow(db, "slow")
+    token = await make_token("operator")
+    port = free_port()
+    conf = tmp_path / "run.toml"
+    conf.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\n\n[sources.slow]\nkind = "http"\n'
+                    f'url = "{nginx.url}slow/"\n\n[downloads]\npoll_seconds = 0.2\n')
+    data = tmp_path / "run-data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCACHE_")}
+    log = open(tmp_path / "run.log", "ab")  # noqa: SIM115
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "modelcache", "run", "--config", str(conf), "--dsn", dsn,
+                                 "--data-dir", str(data)], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    base = f"http://127.0.0.1:{port}"
+
+    async def ready(proc) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()
+            try:
+                async with http.get(f"{base}/readyz") as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()
+            await asyncio.sleep(0.1)
+
+    async def get(download_id) -> dict:
+        async with http.get(f"{base}/v1/downloads/{download_id}", headers=bearer(token)) as r:
+            return await r.json()
+
+    proc = start()
+    try:
+        await ready(proc)
+        async with http.post(f"{base}/v1/downloads", headers=bearer(token), json={
+                "source": "slow", "reference": "files/model.gguf", "model": "tiny", "version": "1",
+                "sha256": digest}) as r:
+            assert r.status == 202
+            asked = await r.json()
+        deadline = time.monotonic() + 20
+        while (body := await get(asked["id"]))["bytes_done"] < len(content) // 4:
+            assert body["state"] in ("queued", "running") and time.monotonic() < deadline, body
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        partial = data / "tmp" / "downloads" / f"{asked['id']}.partial"
+        on_disk = partial.stat().st_size
+        assert on_disk >= len(content) // 4
+
+        proc = start()
+        await ready(proc)
+        deadline = time.monotonic() + 30
+        while (body := await get(asked["id"]))["state"] not in ENDED:
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        log.close()
+    assert body["state"] == "completed" and body["digest"] == digest, body
+    assert body["attempts"] == 2
+    # one blob of the content (and those derived from it for /v2), every one the registry's; nothing half-written
+    held = held_blobs(dsn, data)
+    assert data / "blobs" / "sha256" / digest[7:9] / digest[7:] in held
+    assert blob_files(data) == held
+    assert [p for p in (data / "tmp").rglob("*") if p.is_file()] == []
+    assert not partial.exists()
+    entries = [e for e in nginx.entries() if e["uri"].endswith("model.gguf")]
+    assert entries[0]["status"] == 200 and entries[-1]["status"] == 206
+    assert int(entries[-1]["range"][6:-1]) >= on_disk  # resumed from the bytes on disk, not from 0
+    assert sum(e["bytes"] for e in entries) < 1.5 * len(content)
+    assert "resumed" in (tmp_path / "run.log").read_text()
+
+
+# -- the CLI -------------------------------------------------------------------------
+
+
+@needs_nginx
+async def test_cli_download_approve_reject_cancel(nginx, make_download_settings, start_server, worker, db,
+                                                 make_token):
+    digest = put(nginx, "model.gguf", gguf_bytes(n_floats=256 * 1024))
+    settings = make_download_settings({"local": nginx.url})
+    await allow(db, "local", approval=True)
+    server = await start_server(settings)
+    await worker(settings)
+    url = str(server.make_url("")).rstrip("/")
+    op = {"MODELCACHE_URL": url, "MODELCACHE_TOKEN": await make_token("operator", "op")}
+    admin = {"MODELCACHE_URL": url, "MODELCACHE_TOKEN": await make_token("admin", "boss")}
+
+    async def cli(env, *args):
+        return await asyncio.to_thread(run_cli, *args, env=env)
+
+    queued = await cli(op, "download", "local", "files/model.gguf", "--model", "tiny", "--version", "1",
+                       "--no-wait")
+    assert queued.returncode == 0, queued.stderr
+    download_id = queued.stdout.strip().splitlines()[-1]
+    waiting = asyncio.create_task(cli(op, "download", "local", "files/model.gguf", "--model", "tiny",
+                                      "--version", "2", "--sha256", digest))
+    listed = await cli(admin, "downloads", "--state", "pending_approval", "--json")
+    assert download_id in listed.stdout
+    rejected = await cli(admin, "reject", download_id, "--reason", "wrong file")
+    assert rejected.returncode == 0 and "rejected" in rejected.stdout
+    deadline = time.monotonic() + 20
+    while True:
+        pending = await cli(admin, "downloads", "--state", "pending_approval", "--json")
+        import json as _json
+        rows = _json.loads(pending.stdout)["downloads"]
+        if rows:
+            break
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+    approved = await cli(admin, "approve", rows[0]["id"])
+    assert approved.returncode == 0, approved.stderr
+    done = await waiting
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == digest
+    assert "waits for an admin's approval" in done.stderr
+    again = await cli(admin, "cancel", download_id)
+    assert again.returncode == 1 and "409" in again.stderr
