@@ -208,3 +208,43 @@ def test_idle_and_trickling_connections_are_closed_within_the_keepalive_bound(se
     assert max(closed_after) < bound + slack, closed_after
     # a connection that asks in time is answered as before
     assert serve.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
+
+
+async def test_denied_blob_pulls_are_counted_and_audited_in_batches(server, http, make_file, make_artifact,
+                                                                    make_token, db):
+    """50 denied pulls over /v1, /v2 and /hf: counted at once, audited as a few rows with counts."""
+    from modelcache.server.blobs.denials import DENIALS
+
+    async with db.connection() as conn:  # imports stay staged: readers are denied them
+        await conn.execute("INSERT INTO preference_entries (scope_type, key, value, value_type, updated_by) "
+                           "VALUES ('system', 'models.import.auto_promote', 'false', 'boolean', 'test')")
+    staged = await make_artifact(make_file(content=gguf_bytes(n_floats=256), name="s.gguf"))
+    reader = await make_token("reader", name="reader-1")
+    urls = [(f"/v1/blobs/{staged.digest}", bearer(reader), 403), (f"/v1/blobs/{staged.digest}", {}, 401),
+            (f"/v2/meta/tiny/blobs/{staged.digest}", bearer(reader), 403),
+            ("/hf/acme/tiny/resolve/main/config.json", bearer("mc_not_a_token"), 401)]
+    for i in range(50):
+        url, headers, status = urls[i % len(urls)]
+        async with http.get(str(server.make_url(url)), headers=headers) as r:
+            assert r.status == status, (url, await r.text())
+
+    async def denied_rows() -> list[dict]:
+        async with db.connection() as conn:
+            return await (await conn.execute(
+                "SELECT subject_type, subject_id, resource, reason, details FROM model_audit_log "
+                "WHERE action = 'blob.pull' AND decision = 'deny' ORDER BY created_at")).fetchall()
+
+    before = await denied_rows()  # nothing written per request (a timer flush may have run once)
+    assert sum(row["details"]["count"] for row in before) < 50 and len(before) <= 4
+    async with http.get(str(server.make_url("/metrics"))) as r:
+        metrics = await r.text()
+    assert 'modelcache_blob_pulls_denied_total{status="403"} 25.0' in metrics, metrics
+    assert 'modelcache_blob_pulls_denied_total{status="401"} 25.0' in metrics
+    await server.app[DENIALS].flush()
+    rows = await denied_rows()
+    assert sum(row["details"]["count"] for row in rows) == 50
+    assert len(rows) <= 8, rows  # one per subject, resource, status and reason per flush
+    by = {(r["subject_id"], r["resource"], r["details"]["status"]) for r in rows}
+    assert ("reader-1", str(staged.digest), 403) in by
+    assert ("127.0.0.1", f"/v1/blobs/{staged.digest}", 401) in by  # refused before the digest is parsed
+    assert ("127.0.0.1", "/hf/acme/tiny/resolve/main/config.json", 401) in by

@@ -13,6 +13,7 @@ from ..config import Settings
 from ..db import Database
 from ..store import BlobStore
 from . import health
+from .blobs import denials
 from .blobs import serve as blobs
 from .hf import routes as hf
 from .oci import routes as oci
@@ -43,7 +44,8 @@ def create_app(settings: Settings, db: Database) -> web.Application:
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", serve_metrics)
     app.router.add_get("/v1/openapi.json", openapi.serve_openapi)
-    app.router.add_get(f"/v1/blobs/{DIGEST_PATTERN}", blobs.get_blob)  # also answers HEAD
+    denials.setup(app)
+    app.router.add_get(f"/v1/blobs/{DIGEST_PATTERN}", denials.pull(blobs.get_blob))  # also answers HEAD
     api.add_routes(app)
     hf.setup(app)  # the Hugging Face mirror under /hf
     oci.setup(app)  # the OCI pull API under /v2, for Ollama and registry clients

@@ -33,6 +33,8 @@ class Metrics:
         self.requests = Counter("modelcache_http_requests", "HTTP requests answered", ["method", "status"],
                                 registry=r)
         self.bytes_served = Counter("modelcache_bytes_served", "Blob bytes sent to clients", registry=r)
+        self.pulls_denied = Counter("modelcache_blob_pulls_denied", "Blob pulls refused (401, 403), by status",
+                                    ["status"], registry=r)
         self.cache_used = Gauge("modelcache_cache_bytes_used", "Bytes of blobs present in the store", registry=r)
         self.cache_max = Gauge("modelcache_cache_bytes_max", "models.cache.max_bytes", registry=r)
         self.blobs = Gauge("modelcache_blobs", "Blobs the server knows, by state", ["state"], registry=r)

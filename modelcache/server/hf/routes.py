@@ -37,6 +37,7 @@ from yarl import URL
 from ...auth import Subject
 from ...errors import InvalidInput, ModelcacheError
 from ..auth import authenticate
+from ..blobs import denials
 from ..blobs.serve import CACHE_CONTROL, send_blob, servable_blob
 from ..errors import Renderer, header_text, mount
 from ..paging import page_after, parse_count
@@ -116,6 +117,7 @@ async def tree(request: web.Request) -> web.StreamResponse:
     return web.json_response([_entry_json(e) for e in page], headers=headers)
 
 
+@denials.pull
 async def resolve(request: web.Request) -> web.StreamResponse:
     """One file's bytes (GET) or headers (HEAD, answered from memory) for ``hf_hub_download``."""
     asked = Asked.parse(request)

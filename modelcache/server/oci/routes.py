@@ -55,6 +55,7 @@ from ...errors import DatabaseUnavailable, Forbidden, InvalidInput, ModelcacheEr
 from ...formats.ollama import OCI_MANIFEST
 from ...manifests import derive_missing
 from ..auth import authenticate, basic_password, token_subject
+from ..blobs import denials
 from ..blobs.serve import send_blob, servable_blob
 from ..blobs.signing import UrlSigner
 from ..errors import Renderer, mount
@@ -301,6 +302,7 @@ def _accept_ranges(values: list[str]) -> list[tuple[str, float]]:
 # -- blobs ----------------------------------------------------------------------------
 
 
+@denials.pull
 async def _blob(request: web.Request, reference: str) -> web.StreamResponse:
     """A blob by digest. As /v1/blobs, the name does not scope access (tokens are not per model)."""
     digest = _parse_digest(reference)
