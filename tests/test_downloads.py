@@ -45,9 +45,17 @@ def free_port() -> int:
 class Nginx:
     """nginx serving ``root`` on a free 127.0.0.1 port; its access log records status, bytes and ranges."""
 
-    def __init__(self, root: Path, workdir: Path, rate: str = "8m") -> None:
+    def __init__(self, root: Path, workdir: Path, rate: str = "8m", tls: tuple[Path, Path] | None = None) -> None:
         self.root, self.workdir, self.port = root, workdir, free_port()
-        self.log = workdir / "access.log"
+        self.proxy_port, self.tls_port = free_port(), free_port()
+        self.log, self.proxy_log = workdir / "access.log", workdir / "proxy.log"
+        tls_server = f"""
+  server {{
+    listen 127.0.0.1:{self.tls_port} ssl;
+    ssl_certificate {tls[0]};
+    ssl_certificate_key {tls[1]};
+    root {root};
+  }}""" if tls else ""
         user = "user root root;" if os.geteuid() == 0 else ""
         temps = "\n".join(f"{name}_temp_path {workdir}/{name};" for name in
                           ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -72,6 +80,12 @@ http {{
     location = /redirect/other-host {{ return 302 http://localhost:{self.port}/files/model.gguf; }}
     location = /redirect/same {{ return 302 /files/model.gguf; }}
   }}
+  server {{
+    # a forward proxy for plain http (absolute request URIs), as HTTP_PROXY names one
+    listen 127.0.0.1:{self.proxy_port};
+    access_log {self.proxy_log} bytes;
+    location / {{ proxy_pass http://127.0.0.1:{self.port}; }}
+  }}{tls_server}
 }}
 """)
         with open(workdir / "stderr.log", "wb") as err:
@@ -91,10 +105,11 @@ http {{
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
 
-    def entries(self) -> list[dict]:
+    def entries(self, log: Path | None = None) -> list[dict]:
         """The access log: one dict per request (status, bytes, range, if_range, uri)."""
         out = []
-        for line in self.log.read_text().splitlines():
+        log = log or self.log
+        for line in (log.read_text() if log.exists() else "").splitlines():
             status, sent, rng, if_range, uri = line.split(" ", 4)
             out.append({"status": int(status), "bytes": int(sent), "range": rng.strip('"'),
                         "if_range": if_range.strip('"'), "uri": uri})
@@ -113,9 +128,25 @@ def nginx(tmp_path):
     (root / "files").mkdir(parents=True)
     work.mkdir()
     os.chmod(tmp_path, 0o755)
-    server = Nginx(root, work)
+    tls = make_tls(work) if shutil.which("openssl") else None
+    server = Nginx(root, work, tls=tls)
+    server.ca = work / "ca.pem" if tls else None
     yield server
     server.stop()
+
+
+def make_tls(work: Path) -> tuple[Path, Path]:
+    """A throwaway CA (ca.pem) and a certificate it signed for 127.0.0.1, with openssl."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=work, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test CA")
+    openssl("req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1")
+    (work / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "srv.pem", "-days", "2", "-extfile", "san.ext")
+    return work / "srv.pem", work / "srv.key"
 
 
 def put(nginx: Nginx, name: str, content: bytes) -> str:
@@ -397,6 +428,85 @@ async def test_a_lying_source_keeps_nothing(nginx, make_download_settings, start
     assert blob_files(store.root) == [] and list(store.downloads_dir.iterdir()) == []
     async with http.get(server.make_url("/v1/artifacts"), headers=bearer(token)) as r:
         assert (await r.json())["artifacts"] == []
+
+
+@needs_nginx
+async def test_the_cache_size_limit_applies_before_the_transfer(nginx, make_download_settings, start_server, worker,
+                                                                db, store, http, make_token, make_file,
+                                                                make_artifact):
+    content = gguf_bytes(n_floats=2 << 20)  # 8 MiB
+    put(nginx, "model.gguf", content)
+    settings = make_download_settings({"local": nginx.url + "slower/"})  # 1 MiB/s: what was sent is what was read
+    await allow(db, "local")
+    await preferences.set_preference(db, "models.cache.evict_policy", "none", Subject.local())
+    await preferences.set_preference(db, "models.cache.max_bytes", 1 << 20, Subject.local())
+    server = await start_server(settings)
+    await worker(settings)
+    token = await make_token("operator")
+    asked = await request_download(http, server, token, source="local", reference="files/model.gguf",
+                                   model="tiny", version="1")
+    done = await wait_for(http, server, token, asked["id"])
+    assert done["state"] == "failed" and "do not fit" in done["error"], done
+    assert blob_files(store.root) == []
+    # refused on the headers, before the body was read
+    [entry] = nginx.entries()
+    assert entry["bytes"] < len(content) // 4
+    # a cache already over its limit takes no request at all: 507 problem+json
+    await make_artifact(make_file(size=512 << 10, gguf=True))
+    await preferences.set_preference(db, "models.cache.max_bytes", 100 << 10, Subject.local())
+    async with http.post(server.make_url("/v1/downloads"), headers=bearer(token), json={
+            "source": "local", "reference": "files/model.gguf", "model": "tiny", "version": "2"}) as r:
+        assert r.status == 507 and r.content_type == "application/problem+json"
+        assert "models.cache.max_bytes" in (await r.json())["detail"]
+
+
+@needs_nginx
+async def test_https_with_the_configured_ca_bundle(nginx, make_download_settings, start_server, worker, db, http,
+                                                  make_token):
+    if nginx.ca is None:
+        pytest.skip("openssl is not installed")
+    digest = put(nginx, "model.gguf", gguf_bytes(n_floats=4096))
+    tls_url = f"https://127.0.0.1:{nginx.tls_port}/"
+    token = await make_token("operator")
+    await allow(db, "tls")
+    results = {}
+    for name, bundle in (("without", None), ("with", str(nginx.ca))):
+        settings = make_download_settings({"tls": tls_url}, **{"downloads.ca_bundle": bundle})
+        server = await start_server(settings)
+        w = await worker(settings)
+        asked = await request_download(http, server, token, source="tls", reference="files/model.gguf",
+                                       model="tiny", version=name)
+        results[name] = await wait_for(http, server, token, asked["id"])
+        await w.stop()
+    assert results["without"]["state"] == "failed" and "certificate" in results["without"]["error"].lower()
+    assert results["with"]["state"] == "completed" and results["with"]["digest"] == digest
+
+
+@needs_nginx
+async def test_http_proxy_and_no_proxy_from_the_environment(nginx, make_download_settings, start_server, worker, db,
+                                                            http, make_token, monkeypatch):
+    digest = put(nginx, "model.gguf", gguf_bytes(n_floats=4096))
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{nginx.proxy_port}")
+    settings = make_download_settings({"local": nginx.url})
+    await allow(db, "local")
+    server = await start_server(settings)
+    await worker(settings)
+    token = await make_token("operator")
+    asked = await request_download(http, server, token, source="local", reference="files/model.gguf",
+                                   model="tiny", version="1")
+    done = await wait_for(http, server, token, asked["id"])
+    assert done["state"] == "completed" and done["digest"] == digest, done
+    assert [e["uri"] for e in nginx.entries(nginx.proxy_log)] == ["/files/model.gguf"]  # through the proxy
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    asked = await request_download(http, server, token, source="local", reference="files/model.gguf",
+                                   model="tiny", version="1")  # the same artifact again: a no-op registration
+    done = await wait_for(http, server, token, asked["id"])
+    assert done["state"] == "completed", done
+    # the second went direct: the file server saw it (twice in all), the proxy did not
+    assert len(nginx.entries(nginx.proxy_log)) == 1 and len(nginx.entries()) == 2
 
 
 # -- transfer: drops, changes, cancel ---------------------------------------------

@@ -70,9 +70,12 @@ class DownloadWorker:
                     ", ".join(f"{s.id} ({s.kind} {s.url})" for s in self.settings.sources.values()) or "none")
 
     async def stop(self) -> None:
+        """Stop claiming, stop running transfers (they stay ``running``, resumable), close the connections."""
         self._stop.set()
         self._wake.set()
-        for task in self._tasks:
+        # not cancelled at once: each loop sees the stop within a second and closes its own connection
+        done, pending = await asyncio.wait(self._tasks, timeout=10)
+        for task in pending:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -96,6 +99,7 @@ class DownloadWorker:
                                                                         name=f"download-{job['id']}")
                         await self._sleep()
                         await lock.execute("SELECT 1")  # the locks live as long as this connection
+                    await self._stop_jobs()  # before the connection holding their locks closes
             except (DatabaseUnavailable, OSError) as exc:
                 logger.warning("downloads: lost the database (%s); running transfers stop and resume later",
                                getattr(exc, "detail", exc))
@@ -162,6 +166,11 @@ class DownloadWorker:
                     self._cancelled.add(job_id)
                     task.cancel()
             result = task.result()
+            # recorded while the job's lock is still held, so no other worker takes it up meanwhile
+            if job_id in self._cancelled:
+                await self._cancelled_by_user(job)
+            else:
+                await self._complete(job, result, started)
         except asyncio.CancelledError:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -182,10 +191,6 @@ class DownloadWorker:
         finally:
             self._transfers.pop(job_id, None)
             await self._disown(job_id)
-        if job_id in self._cancelled:
-            await self._cancelled_by_user(job)
-            return
-        await self._complete(job, result, started)
 
     async def _transfer(self, job: dict) -> Any:
         job_id = job["id"]
@@ -205,6 +210,7 @@ class DownloadWorker:
             for restart in range(MAX_RESTARTS + 1):
                 # reopened each attempt: the bytes a past attempt (or process) left are hashed again
                 temp = await asyncio.to_thread(self.store.resumable, str(job_id), fresh)
+                response = None
                 try:
                     have = temp.hasher.size
                     response = await transfer.open(have, notes.get("validator") if have else None)
@@ -225,6 +231,8 @@ class DownloadWorker:
                     fresh, notes = True, {}
                     continue
                 finally:
+                    if response is not None:
+                        response.release()  # refused before its body was read (507): let the connection go
                     temp.close()  # kept on disk unless committed: the next attempt resumes from it
                 return await register(self.db, self.store, req, ingested, requester(job))
         raise AssertionError("unreachable")
