@@ -21,7 +21,7 @@ from .v1 import admin, api, downloads, imports, openapi, registry  # noqa: F401 
 from .catalog import Catalog
 from .keys import CATALOG, DATABASE, METRICS, OPENAPI, SETTINGS, STORE
 from .errors import errors_middleware
-from .metrics import Metrics, count_requests, serve_metrics
+from .metrics import Metrics, serve_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ DIGEST_PATTERN = "{digest:[^/]+}"
 
 def create_app(settings: Settings, db: Database) -> web.Application:
     """Assemble the server around an open, migrated database."""
-    app = web.Application(middlewares=[count_requests, errors_middleware], client_max_size=1 << 20)
+    app = web.Application(middlewares=[errors_middleware], client_max_size=1 << 20)
     app[SETTINGS] = settings
     app[DATABASE] = db
     app[STORE] = BlobStore(settings.data_dir)

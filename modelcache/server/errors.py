@@ -11,7 +11,9 @@ protocol mounted under a prefix (``/v2``: OCI error bodies, ``/hf``: the Hub's
 - other 5xx answers are logged as one line (a database outage as a warning:
   it is the database's fault, and it says so);
 - a 401 carries the protocol's ``WWW-Authenticate`` challenges;
-- HEAD: aiohttp sends the headers of the rendered answer and no body.
+- HEAD: aiohttp sends the headers of the rendered answer and no body;
+- every answer is counted (``modelcache_http_requests_total``), rendered errors included. Counting
+  here rather than in a middleware of its own saves a HEAD a layer of aiohttp's middleware calls.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Callable
 from aiohttp import web
 
 from ..errors import DatabaseUnavailable, ModelcacheError, Unauthorized
+from .keys import METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def renderer_for(request: web.Request) -> Renderer:
 @web.middleware
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
-        return await handler(request)
+        response = await handler(request)
     except ModelcacheError as exc:
         error = exc
         if exc.status >= 500:
@@ -86,6 +89,7 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
             log("%s %s failed: %s", request.method, request.path, exc.detail)
     except web.HTTPException as exc:
         if exc.status < 400:
+            request.app[METRICS].count(request.method, exc.status)
             raise
         error = HttpError(exc.status, exc.reason, exc.text or exc.reason)
     except ConnectionError:  # the client is gone: there is no one to answer
@@ -94,11 +98,15 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         logger.exception("%s %s failed with an unexpected error", request.method, request.path)
         error = InternalError(f"{request.method} {request.path} failed with an unexpected error; "
                               "the server log has the details")
+    else:
+        request.app[METRICS].count(request.method, response.status)
+        return response
     renderer = renderer_for(request)
     response = renderer.render(request, error)
     if isinstance(error, Unauthorized):
         for challenge in renderer.challenges(request):
             response.headers.add("WWW-Authenticate", challenge)
+    request.app[METRICS].count(request.method, response.status)
     return response
 
 
