@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.registry
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 needs_nginx = pytest.mark.skipif(NGINX is None, reason="Debian's nginx is not installed (apt-get install nginx)")
 ENDED = ("completed", "failed", "rejected", "cancelled")
+SECRET = "mc-upstream-secret-4f2a9c"
 
 
 def free_port() -> int:
@@ -76,6 +78,10 @@ http {{
     root {root};
     location /slow/ {{ alias {root}/; limit_rate {rate}; }}
     location /slower/ {{ alias {root}/; limit_rate 1m; }}
+    location /private/ {{
+      alias {root}/;
+      if ($http_authorization != "Bearer {SECRET}") {{ return 401; }}
+    }}
     location = /redirect/metadata {{ return 302 http://169.254.169.254/latest/meta-data/; }}
     location = /redirect/other-host {{ return 302 http://localhost:{self.port}/files/model.gguf; }}
     location = /redirect/same {{ return 302 /files/model.gguf; }}
@@ -209,10 +215,13 @@ class CuttingProxy:
 def make_download_settings(tmp_path, dsn):
     """Settings with ``[sources.<id>]`` tables (written to a real config file)."""
 
-    def make(sources: dict[str, str], **overrides) -> config.Settings:
+    def make(sources: dict[str, str], tokens: dict[str, str] | None = None, **overrides) -> config.Settings:
         lines = []
         for sid, url in sources.items():
-            lines += [f"[sources.{sid}]", 'kind = "http"', f'url = "{url}"', ""]
+            lines += [f"[sources.{sid}]", 'kind = "http"', f'url = "{url}"']
+            if tokens and sid in tokens:
+                lines.append(f'token_env = "{tokens[sid]}"')
+            lines.append("")
         lines += ["[downloads]", "poll_seconds = 0.2", "read_timeout = 5"]
         path = tmp_path / "modelcache.toml"
         path.write_text("\n".join(lines) + "\n")
@@ -295,6 +304,12 @@ def test_sources_config(tmp_path):
         config.load(path, env={})
     path.write_text('[sources.x]\nkind = "http"\nurl = "ftp://x"\n')
     with pytest.raises(ConfigError, match=r"sources\.x\.url = 'ftp://x'"):
+        config.load(path, env={})
+    path.write_text('[sources.x]\nkind = "http"\nurl = "https://x/"\ntoken_env = "A"\ntoken_file = "/a"\n')
+    with pytest.raises(ConfigError, match=r"sources\.x .*token_env or token_file, not both"):
+        config.load(path, env={})
+    path.write_text('[sources.x]\nkind = "http"\nurl = "https://x/"\npassword = "hunter2"\n')
+    with pytest.raises(ConfigError, match=r"unknown key sources\.x\.password"):
         config.load(path, env={})
 
 
@@ -507,6 +522,37 @@ async def test_http_proxy_and_no_proxy_from_the_environment(nginx, make_download
     assert done["state"] == "completed", done
     # the second went direct: the file server saw it (twice in all), the proxy did not
     assert len(nginx.entries(nginx.proxy_log)) == 1 and len(nginx.entries()) == 2
+
+
+@needs_nginx
+async def test_a_source_token_comes_from_the_environment_and_is_never_stored_or_logged(
+        nginx, make_download_settings, start_server, worker, db, dsn, http, make_token, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    digest = put(nginx, "model.gguf", gguf_bytes(n_floats=4096))
+    monkeypatch.setenv("MC_TEST_UPSTREAM_TOKEN", SECRET)
+    settings = make_download_settings({"private": nginx.url + "private/", "anonymous": nginx.url + "private/"},
+                                      tokens={"private": "MC_TEST_UPSTREAM_TOKEN"})
+    await allow(db, "private", "anonymous")
+    server = await start_server(settings)
+    await worker(settings)
+    token = await make_token("operator")
+    results = {}
+    for source in ("anonymous", "private"):
+        asked = await request_download(http, server, token, source=source, reference="files/model.gguf",
+                                       model="tiny", version="1")
+        results[source] = await wait_for(http, server, token, asked["id"])
+    assert results["anonymous"]["state"] == "failed" and "401" in results["anonymous"]["error"]
+    assert results["private"]["state"] == "completed" and results["private"]["digest"] == digest
+    assert "download" in caplog.text and SECRET not in caplog.text
+    with psycopg.connect(dsn) as conn:
+        stored = conn.execute("SELECT (SELECT string_agg(d::text, ' ') FROM model_downloads d) || "
+                              "(SELECT string_agg(a::text, ' ') FROM model_audit_log a)").fetchone()[0]
+    assert SECRET not in stored and "private" in stored
+    monkeypatch.delenv("MC_TEST_UPSTREAM_TOKEN")
+    asked = await request_download(http, server, token, source="private", reference="files/model.gguf",
+                                   model="tiny", version="1")
+    done = await wait_for(http, server, token, asked["id"])
+    assert done["state"] == "failed" and "sources.private.token_env names MC_TEST_UPSTREAM_TOKEN" in done["error"]
 
 
 # -- transfer: drops, changes, cancel ---------------------------------------------
