@@ -59,13 +59,13 @@ class Source:
 
 def parse_reference(reference: str) -> str:
     """A reference of the http kind: path segments of safe characters; never absolute, never ``..``."""
-    segments = reference.split("/") if isinstance(reference, str) else []
-    if (not 1 <= len(reference) <= MAX_REFERENCE if isinstance(reference, str) else True) or not all(
-            _SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments):
+    ok = isinstance(reference, str) and 1 <= len(reference) <= MAX_REFERENCE and all(
+        _SEGMENT.fullmatch(s) and s not in (".", "..") for s in reference.split("/"))
+    if not ok:
         shown = reference[:100] if isinstance(reference, str) else reference
         raise InvalidInput(f"invalid reference {shown!r}: expected a path relative to the source's URL, such as "
                            "org/model-q4.gguf (segments of A-Z a-z 0-9 . _ ~ + = , @ -, no '..')")
-    return "/".join(urllib.parse.quote(s, safe="~+=,@-._") for s in segments)
+    return "/".join(urllib.parse.quote(s, safe="~+=,@-._") for s in reference.split("/"))
 
 
 def find_source(settings: Settings, source_id: str) -> Source:
