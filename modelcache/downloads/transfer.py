@@ -36,6 +36,10 @@ class UpstreamError(ModelcacheError):
     status = 502
     title = "Upstream error"
 
+    def __init__(self, detail: str, challenge: str | None = None) -> None:
+        super().__init__(detail)
+        self.challenge = challenge  # a 401's WWW-Authenticate, for a registry's token flow
+
 
 class UpstreamChanged(ModelcacheError):
     """The file changed upstream between two requests of one download: start over from byte 0."""
@@ -59,8 +63,10 @@ def open_session(policy: HopPolicy, settings: DownloadSettings) -> aiohttp.Clien
 class Transfer:
     """The bytes of ``url``, from ``offset`` on, through ``session``."""
 
-    def __init__(self, session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None) -> None:
+    def __init__(self, session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None,
+                 headers: dict[str, str] | None = None) -> None:
         self.session = session
+        self.headers = headers or {}  # sent on every hop (an Accept, for a registry's manifest)
         self.policy = policy
         self.url = url
         self.token = token
@@ -75,7 +81,7 @@ class Transfer:
         Afterwards ``offset`` is where the answer's body starts: ``0`` when the upstream sent the
         whole file (it changed, or ignores ranges). ``total`` and ``validator`` are the upstream's.
         """
-        headers = {"Accept-Encoding": "identity"}
+        headers = {**self.headers, "Accept-Encoding": "identity"}
         if offset and validator:
             headers["Range"] = f"bytes={offset}-"
             headers["If-Range"] = validator
@@ -117,8 +123,9 @@ class Transfer:
                 return response
         if response.status != 200:
             status = f"{response.status} {response.reason}"
+            challenge = response.headers.get("WWW-Authenticate") if response.status == 401 else None
             response.release()
-            raise UpstreamError(f"{_shown(url)} answered {status}")
+            raise UpstreamError(f"{_shown(url)} answered {status}", challenge)
         self.offset = 0
         self.total = length
         etag = response.headers.get("ETag")
