@@ -18,6 +18,9 @@ from ...manifests import derive_version
 from ..keys import CATALOG, STORE
 
 READERS = ALL_ROLES - {Role.NODE}
+# A node resolves a name to a version and reads an artifact's file list to pull it (``modelcache pull``, the
+# node agent); the bytes stay behind Subject.withheld, so this shows it no content it may not have.
+PULLERS = ALL_ROLES
 
 
 
@@ -184,7 +187,7 @@ class VersionQuery(Paging):
 
 
 @endpoint("GET", "/v1/versions", summary="Find model versions, by model or by capability requirements",
-          roles=READERS, action="model_version.list", query=VersionQuery, response=VersionPage)
+          roles=PULLERS, action="model_version.list", query=VersionQuery, response=VersionPage)
 async def list_versions(call: Call) -> VersionPage:
     q = call.query
     async with call.db.connection() as conn:
@@ -244,7 +247,7 @@ class ArtifactQuery(Paging):
     pinned: bool | None = None
 
 
-@endpoint("GET", "/v1/artifacts", summary="List artifacts", roles=READERS, action="model_artifact.list",
+@endpoint("GET", "/v1/artifacts", summary="List artifacts", roles=PULLERS, action="model_artifact.list",
           query=ArtifactQuery, response=ArtifactPage)
 async def list_artifacts(call: Call) -> ArtifactPage:
     q = call.query
@@ -259,7 +262,7 @@ async def list_artifacts(call: Call) -> ArtifactPage:
     return ArtifactPage(artifacts=[artifact_out(r) for r in rows], next_cursor=cursor)
 
 
-@endpoint("GET", "/v1/artifacts/{artifact}", summary="Get an artifact by id or sha256:<hex>", roles=READERS,
+@endpoint("GET", "/v1/artifacts/{artifact}", summary="Get an artifact by id or sha256:<hex>", roles=PULLERS,
           action="model_artifact.get", response=ArtifactOut)
 async def get_artifact(call: Call) -> ArtifactOut:
     return artifact_out(await artifacts.load(call.db, call.param("artifact")))

@@ -1,0 +1,638 @@
+"""The pull client: blobs from a modelcache server by digest, in parallel ranged parts, resumable, verified.
+
+A pull of one blob to ``PATH`` keeps, while it runs::
+
+    PATH.partial         the bytes so far, each part at its own offset (the file is preallocated to the full
+                         size, so a full disk is found before the first byte is fetched)
+    PATH.partial.parts   a small JSON sidecar: the digest, size and part size, and which parts are complete
+
+A part is recorded complete only after all its bytes were written, so a pull killed at any moment (kill -9)
+resumes with exactly the parts the sidecar lists and fetches the others. The partial is flock()ed while a
+pull writes it, so two pulls never write one file. Every ranged GET carries ``If-Range`` with the digest (the
+server's strong ETag): a server that would answer anything but that blob answers the whole body instead,
+which the client refuses rather than splice.
+
+The sha256 is computed while the parts arrive, over the prefix that is complete so far, so the whole-file
+check costs little after the last byte. Only a match is fsynced and renamed to ``PATH``; a mismatch deletes
+the partial and its sidecar and fails naming both digests. After a power loss (not a process kill) a part
+recorded complete may not have reached the disk: the final check then fails, deletes the partial, and the
+next pull starts over — slower, never wrong.
+
+Names (``[vendor/]model:version``) resolve through ``/v1/artifacts`` to the promoted artifact; an artifact
+with several files (a Hugging Face snapshot, an Ollama model) is pulled file by file into a folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+
+from ..digest import Digest
+from ..errors import (
+    ChecksumError,
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    ModelcacheError,
+    NotFound,
+    StorageFull,
+    Unauthorized,
+)
+from ..names import parse_model_name, parse_vendor, parse_version
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://127.0.0.1:12085"
+DERIVED_PREFIX = ".ollama/"  # the cache's own derived files of an artifact (db/oci.py SYNTHESISED_PREFIX)
+_WRITE_BYTES = 4 << 20  # bytes gathered before one pwrite (in a worker thread)
+_HASH_CHUNK = 4 << 20
+_RETRIES = 5
+
+OnBytes = Callable[[int], object]
+
+
+class CacheUnreachable(ModelcacheError):
+    """The cache did not answer (refused, reset, timed out, 5xx) after the retries."""
+
+    status = 503
+    title = "Cache unreachable"
+
+
+@dataclass(frozen=True, slots=True)
+class PullSettings:
+    """How a pull fetches: ``parallel_parts`` ranged GETs at once, of ``part_bytes`` each; ``limit_rate``
+    caps the bytes per second over all of them (None: no cap)."""
+
+    parallel_parts: int = 4
+    part_bytes: int = 16 << 20
+    limit_rate: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.parallel_parts <= 64:
+            raise InvalidInput(f"parallel_parts is {self.parallel_parts}: expected 1 to 64")
+        if self.part_bytes < 64 << 10:
+            raise InvalidInput(f"part_bytes is {self.part_bytes}: expected at least 65536")
+        if self.limit_rate is not None and self.limit_rate <= 0:
+            raise InvalidInput(f"limit_rate is {self.limit_rate}: expected a positive number of bytes per second")
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteFile:
+    """One file to pull: where it goes inside the artifact, its blob digest and size."""
+
+    path: str
+    digest: Digest
+    size: int
+    media_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a reference resolved to: an artifact (with its registry row) or a bare blob (``artifact`` None)."""
+
+    artifact: dict[str, Any] | None
+    files: tuple[RemoteFile, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def is_folder(self) -> bool:
+        return len(self.files) > 1
+
+    @property
+    def label(self) -> str:
+        a = self.artifact
+        if a is None:
+            return str(self.files[0].digest)
+        name = f"{a['vendor']}/{a['model']}" if a.get("vendor") else a["model"]
+        return f"{name}:{a['version']} ({a['artifact_type']}, {a['digest']})"
+
+
+@dataclass
+class PullResult:
+    """What one blob pull did: ``fetched`` bytes came over the network, ``reused`` were already there."""
+
+    path: Path
+    digest: Digest
+    size: int
+    fetched: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+
+
+def safe_relative(path: str, where: str) -> Path:
+    """An artifact file's path as a relative Path; one that could escape its folder is rejected, never repaired."""
+    parts = path.split("/")
+    if (not path or path.startswith("/") or "\\" in path or "\0" in path
+            or any(p in ("", ".", "..") for p in parts)):
+        raise InvalidInput(f"{where}: refusing file path {path[:200]!r}: it is not a plain relative path")
+    return Path(*parts)
+
+
+# -- references -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NameRef:
+    vendor: str | None
+    model: str
+    version: str
+
+    @classmethod
+    def parse(cls, text: str) -> "NameRef":
+        """``[vendor/]model:version``."""
+        rest, colon, version = text.rpartition(":")
+        if not colon or not rest or not version:
+            raise InvalidInput(f"invalid reference {text[:200]!r}: expected sha256:<hex> or [vendor/]model:version")
+        vendor, slash, model = rest.rpartition("/")
+        return cls(parse_vendor(vendor) if slash else None, parse_model_name(model), parse_version(version))
+
+    def __str__(self) -> str:
+        return f"{self.vendor}/{self.model}:{self.version}" if self.vendor else f"{self.model}:{self.version}"
+
+
+# -- the client ---------------------------------------------------------------------
+
+
+class CacheClient:
+    """The node's HTTP client of one modelcache server (``async with``); pulls only from that server."""
+
+    def __init__(self, url: str | None, token: str | None, settings: PullSettings | None = None) -> None:
+        self.url = (url or os.environ.get("MODELCACHE_URL") or DEFAULT_URL).rstrip("/")
+        self.token = token if token is not None else os.environ.get("MODELCACHE_TOKEN")
+        self.settings = settings or PullSettings()
+        self._session: aiohttp.ClientSession | None = None
+        self._pace = _Pace(self.settings.limit_rate)
+
+    async def __aenter__(self) -> "CacheClient":
+        connector = aiohttp.TCPConnector(limit=self.settings.parallel_parts + 4)
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers,
+                                              auto_decompress=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "use CacheClient in `async with`"
+        return self._session
+
+    # -- JSON API -------------------------------------------------------------------
+
+    async def call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None,
+                   timeout: float | None = 30) -> Any:
+        """One JSON call of the /v1 API; errors become our own, with the server's detail."""
+        params = {k: str(v) for k, v in (query or {}).items() if v is not None}
+        try:
+            async with self.session.request(method, self.url + path, params=params, json=body,
+                                            timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                if resp.status >= 400:
+                    raise await _error(resp, f"{method} {path}")
+                raw = await resp.read()
+                return json.loads(raw) if raw else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise CacheUnreachable(f"cannot reach modelcache at {self.url} ({method} {path}): "
+                                   f"{_describe(exc)}") from None
+
+    async def resolve(self, ref: str, artifact_type: str | None = None) -> Target:
+        """A ``sha256:<hex>`` (an artifact's digest, or any blob's) or ``[vendor/]model:version``."""
+        if ref.startswith("sha256:"):
+            digest = Digest.parse(ref)
+            try:
+                return target_of(await self.call("GET", f"/v1/artifacts/{digest}"))
+            except (NotFound, Forbidden):
+                # not an artifact's digest (a layer, a config), or a token that may not read the registry
+                size = await self.blob_size(digest)
+                return Target(None, (RemoteFile(f"sha256-{digest.hex}", digest, size),))
+        name = NameRef.parse(ref)
+        body = await self.call("GET", "/v1/artifacts", query={
+            "model": name.model, "vendor": name.vendor, "version": name.version, "state": "promoted",
+            "type": artifact_type, "limit": 50})
+        found = [a for a in body["artifacts"] if (a["vendor"] or None) == name.vendor]
+        if not found:
+            raise NotFound(f"no promoted {artifact_type + ' ' if artifact_type else ''}artifact of {name} "
+                           f"at {self.url}")
+        types = sorted({a["artifact_type"] for a in found})
+        if len(types) > 1:
+            raise InvalidInput(f"{name} has promoted artifacts of types {', '.join(types)}: choose one with --type")
+        return target_of(found[0])
+
+    async def blob_size(self, digest: Digest) -> int:
+        path = f"/v1/blobs/{digest}"
+        try:
+            async with self.session.head(self.url + path, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                if resp.status >= 400:
+                    raise await _error(resp, f"HEAD {path}", digest)
+                return int(resp.headers["Content-Length"])
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise CacheUnreachable(f"cannot reach modelcache at {self.url} (HEAD {path}): {_describe(exc)}") from None
+
+    async def fetch_small(self, digest: Digest, limit: int = 4 << 20) -> bytes:
+        """A small blob (a manifest) read into memory, its digest checked."""
+        path = f"/v1/blobs/{digest}"
+        try:
+            async with self.session.get(self.url + path, timeout=aiohttp.ClientTimeout(total=60)) as resp:
+                if resp.status >= 400:
+                    raise await _error(resp, f"GET {path}", digest)
+                raw = await resp.content.read(limit + 1)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise CacheUnreachable(f"cannot reach modelcache at {self.url} (GET {path}): {_describe(exc)}") from None
+        if len(raw) > limit:
+            raise ModelcacheError(f"blob {digest} is larger than {limit} bytes, too large for a manifest")
+        actual = hashlib.sha256(raw).hexdigest()
+        if actual != digest.hex:
+            raise ChecksumError(f"blob {digest} from {self.url}", str(digest), f"sha256:{actual}")
+        return raw
+
+    # -- blobs ----------------------------------------------------------------------
+
+    async def pull_target(self, target: Target, out: Path, progress: OnBytes | None = None) -> list[PullResult]:
+        """Every file of ``target``: one file to ``out``, or several into the folder ``out``."""
+        if not target.is_folder:
+            f = target.files[0]
+            return [await self.pull_blob(f.digest, out, size=f.size, progress=progress)]
+        results = []
+        for f in target.files:
+            dest = out / safe_relative(f.path, target.label)
+            results.append(await self.pull_blob(f.digest, dest, size=f.size, progress=progress))
+        return results
+
+    async def pull_blob(self, digest: Digest, dest: Path, *, size: int | None = None,
+                        progress: OnBytes | None = None) -> PullResult:
+        """The blob ``digest`` to ``dest``, resuming ``dest.partial`` if an earlier pull left one."""
+        started = time.monotonic()
+        if size is None:
+            size = await self.blob_size(digest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if await asyncio.to_thread(_already_there, dest, digest, size):
+            logger.info("blob %s already at %s, %d bytes", digest, dest, size)
+            if progress:
+                progress(size)
+            return PullResult(dest, digest, size, reused=size, seconds=time.monotonic() - started)
+        partial = Partial.open(dest, digest, size, self.settings.part_bytes)
+        try:
+            result = await _Transfer(self, partial, progress).run()
+        except BaseException:
+            if not partial.done:  # nothing worth resuming: leave no partial behind
+                partial.discard()
+            raise
+        finally:
+            partial.close()
+        result.seconds = time.monotonic() - started
+        logger.info("pulled blob %s to %s: %d bytes, %d fetched, %d resumed, %.1fs, %.1f MB/s", digest, dest,
+                    size, result.fetched, result.reused, result.seconds,
+                    result.fetched / 1e6 / result.seconds if result.seconds else 0.0)
+        return result
+
+
+def target_of(artifact: dict[str, Any]) -> Target:
+    """The files an artifact's pull fetches: its own files, not the cache's derived ``.ollama/`` ones."""
+    files = tuple(RemoteFile(f["path"], Digest.parse(f["digest"]), int(f["size_bytes"]),
+                             f.get("media_type") or "application/octet-stream")
+                  for f in artifact["files"] if not f["path"].startswith(DERIVED_PREFIX))
+    if not files:
+        raise NotFound(f"artifact {artifact['digest']} lists no files")
+    return Target(artifact, files)
+
+
+def _already_there(dest: Path, digest: Digest, size: int) -> bool:
+    try:
+        if not dest.is_file() or dest.stat().st_size != size:
+            return False
+        return sha256_file(dest) == digest.hex
+    except OSError:
+        return False
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- the partial file and its sidecar -------------------------------------------------
+
+
+@dataclass
+class Partial:
+    """``dest.partial`` (flock()ed, preallocated) and ``dest.partial.parts`` (the completed parts)."""
+
+    dest: Path
+    digest: Digest
+    size: int
+    part_bytes: int
+    fd: int
+    done: set[int] = field(default_factory=set)
+
+    @property
+    def path(self) -> Path:
+        return self.dest.with_name(self.dest.name + ".partial")
+
+    @property
+    def sidecar(self) -> Path:
+        return self.dest.with_name(self.dest.name + ".partial.parts")
+
+    @property
+    def count(self) -> int:
+        return max(1, -(-self.size // self.part_bytes))
+
+    def span(self, index: int) -> tuple[int, int]:
+        """The first and last byte (inclusive) of part ``index``."""
+        first = index * self.part_bytes
+        return first, min(self.size, first + self.part_bytes) - 1
+
+    @classmethod
+    def open(cls, dest: Path, digest: Digest, size: int, part_bytes: int) -> "Partial":
+        path = dest.with_name(dest.name + ".partial")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Conflict(f"another pull is writing {path}: wait for it to finish") from None
+        partial = cls(dest, digest, size, part_bytes, fd)
+        try:
+            partial._resume_or_start()
+        except BaseException:
+            partial.close()
+            raise
+        return partial
+
+    def _resume_or_start(self) -> None:
+        try:
+            recorded = json.loads(self.sidecar.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if (isinstance(recorded, dict) and recorded.get("digest") == str(self.digest)
+                and recorded.get("size") == self.size and os.fstat(self.fd).st_size == self.size):
+            # a sidecar written with another part size still says which byte ranges are whole
+            old_bytes = recorded.get("part_bytes")
+            old_done = recorded.get("done")
+            if isinstance(old_bytes, int) and old_bytes > 0 and isinstance(old_done, list):
+                whole = {i for i in old_done if isinstance(i, int)}
+                for i in range(self.count):
+                    first, last = self.span(i)
+                    if all(j in whole for j in range(first // old_bytes, last // old_bytes + 1)):
+                        self.done.add(i)
+                if self.done:
+                    logger.info("resuming blob %s at %s: %d of %d parts already complete", self.digest,
+                                self.path, len(self.done), self.count)
+        if not self.done:
+            os.ftruncate(self.fd, 0)
+        try:
+            self._preallocate()
+        except StorageFull:
+            if not self.done:
+                self.discard()
+            raise
+        self.record()
+
+    def _preallocate(self) -> None:
+        try:
+            os.posix_fallocate(self.fd, 0, self.size) if self.size else None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self.no_room(exc) from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            os.ftruncate(self.fd, self.size)  # a filesystem without fallocate: a sparse file
+
+    def no_room(self, exc: OSError) -> StorageFull:
+        return StorageFull(f"no room left on the filesystem of {self.dest.parent} for blob {self.digest} "
+                           f"({self.size} bytes, {os.strerror(exc.errno or errno.ENOSPC)}): free space there and "
+                           "pull again; completed parts are kept")
+
+    def record(self, done: list[int] | None = None) -> None:
+        """Write the sidecar (temp file, then rename: a kill leaves the old one or the new one); one writer
+        at a time (``_Transfer`` holds a lock around it)."""
+        tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
+        tmp.write_text(json.dumps({"digest": str(self.digest), "size": self.size, "part_bytes": self.part_bytes,
+                                   "done": sorted(self.done) if done is None else done}))
+        os.replace(tmp, self.sidecar)
+
+    def write(self, data: bytes | bytearray, offset: int) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self.no_room(exc) from None
+            raise
+
+    def commit(self) -> None:
+        """fsync, then rename into place, then fsync the folder: the file at ``dest`` is whole or absent."""
+        os.fsync(self.fd)
+        os.replace(self.path, self.dest)
+        dir_fd = os.open(self.dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self.sidecar.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.sidecar.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _Pace:
+    """A cap on bytes per second shared by all parts (``--limit-rate``)."""
+
+    def __init__(self, rate: int | None) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.sent = 0
+
+    async def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        self.sent += n
+        ahead = self.sent / self.rate - (time.monotonic() - self.start)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
+class _Transfer:
+    """One blob's parts fetched by ``parallel_parts`` workers, hashed as the complete prefix grows."""
+
+    def __init__(self, client: CacheClient, partial: Partial, progress: OnBytes | None) -> None:
+        self.client = client
+        self.partial = partial
+        self.progress = progress or (lambda n: None)
+        self.url = f"{client.url}/v1/blobs/{partial.digest}"
+        self.fetched = 0
+        self.grown = asyncio.Event()
+        self.recording = asyncio.Lock()
+        self.sha256 = hashlib.sha256()
+        self.hashed_to = 0
+
+    async def run(self) -> PullResult:
+        p = self.partial
+        reused = sum(p.span(i)[1] - p.span(i)[0] + 1 for i in p.done) if p.size else 0
+        if reused:
+            self.progress(reused)
+        todo: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(p.count):
+            if i not in p.done and p.size:
+                todo.put_nowait(i)
+        workers = [asyncio.create_task(self._worker(todo)) for _ in range(min(self.client.settings.parallel_parts,
+                                                                               max(1, todo.qsize())))]
+        hasher = asyncio.create_task(self._hash_prefix())
+        try:
+            await asyncio.gather(*workers)
+            self.grown.set()
+            await hasher
+        except BaseException:
+            for task in (*workers, hasher):
+                task.cancel()
+            await asyncio.gather(*workers, hasher, return_exceptions=True)
+            raise
+        actual = self.sha256.hexdigest()
+        if actual != p.digest.hex:
+            p.discard()
+            raise ChecksumError(f"blob pulled from {self.url} to {p.dest} (partial deleted)", str(p.digest),
+                                f"sha256:{actual}")
+        await asyncio.to_thread(p.commit)
+        return PullResult(p.dest, p.digest, p.size, fetched=self.fetched, reused=reused)
+
+    def _prefix(self) -> int:
+        """How many bytes from the start are in complete parts."""
+        p = self.partial
+        i = 0
+        while i < p.count and i in p.done:
+            i += 1
+        return p.size if i >= p.count else i * p.part_bytes
+
+    async def _hash_prefix(self) -> None:
+        while True:
+            end = self._prefix()
+            if end > self.hashed_to:
+                await asyncio.to_thread(self._hash_range, self.hashed_to, end)
+                self.hashed_to = end
+                continue
+            if end >= self.partial.size:
+                return
+            self.grown.clear()
+            await self.grown.wait()
+
+    def _hash_range(self, start: int, end: int) -> None:
+        fd = self.partial.fd
+        while start < end:
+            chunk = os.pread(fd, min(_HASH_CHUNK, end - start), start)
+            if not chunk:
+                raise ModelcacheError(f"{self.partial.path} is shorter than expected at byte {start}")
+            self.sha256.update(chunk)
+            start += len(chunk)
+
+    async def _worker(self, todo: asyncio.Queue[int]) -> None:
+        while not todo.empty():
+            index = todo.get_nowait()
+            await self._part_with_retries(index)
+            self.partial.done.add(index)
+            async with self.recording:
+                await asyncio.to_thread(self.partial.record, sorted(self.partial.done))
+            self.grown.set()
+
+    async def _part_with_retries(self, index: int) -> None:
+        delay = 0.5
+        for attempt in range(1, _RETRIES + 1):
+            try:
+                return await self._part(index)
+            except CacheUnreachable as exc:
+                if attempt == _RETRIES:
+                    raise
+                logger.warning("part %d of blob %s failed (%s); retrying in %.1fs", index, self.partial.digest,
+                               exc.detail, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    async def _part(self, index: int) -> None:
+        p = self.partial
+        first, last = p.span(index)
+        headers = {"Range": f"bytes={first}-{last}", "If-Range": f'"{p.digest}"', "Accept-Encoding": "identity"}
+        offset, got = first, 0
+        try:
+            async with self.client.session.get(self.url, headers=headers) as resp:
+                if resp.status >= 500:
+                    raise CacheUnreachable(f"GET {self.url} answered {resp.status}")
+                if resp.status != 206:
+                    if resp.status >= 400:
+                        raise await _error(resp, f"GET /v1/blobs/{p.digest}", p.digest)
+                    raise ModelcacheError(f"GET {self.url} with Range bytes={first}-{last} answered {resp.status}, "
+                                          "not 206: the server does not serve this blob by ranges")
+                buf = bytearray()
+                async for chunk in resp.content.iter_chunked(1 << 20):
+                    buf += chunk
+                    got += len(chunk)
+                    self.fetched += len(chunk)
+                    self.progress(len(chunk))
+                    await self.client._pace.take(len(chunk))
+                    if len(buf) >= _WRITE_BYTES:
+                        await asyncio.to_thread(p.write, buf, offset)
+                        offset += len(buf)
+                        buf = bytearray()
+                if buf:
+                    await asyncio.to_thread(p.write, buf, offset)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            self.progress(-got)
+            raise CacheUnreachable(f"GET {self.url} bytes={first}-{last}: {_describe(exc)}") from None
+        if got != last - first + 1:
+            self.progress(-got)
+            raise CacheUnreachable(f"GET {self.url} bytes={first}-{last} ended after {got} bytes")
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+async def _error(resp: aiohttp.ClientResponse, what: str, digest: Digest | None = None) -> ModelcacheError:
+    try:
+        detail = (await resp.json(content_type=None)).get("detail")
+    except (ValueError, AttributeError, aiohttp.ClientError):
+        detail = None
+    detail = detail or resp.reason or ""
+    where = f"{what} at {resp.url.origin()}"
+    if resp.status == 401:
+        return Unauthorized(f"{where}: 401 {detail} (pass --token or set MODELCACHE_TOKEN)")
+    if resp.status == 403:
+        return Forbidden(f"{where}: 403 {detail}")
+    if resp.status == 404:
+        return NotFound(f"{where}: 404 {detail or f'no blob {digest}'}")
+    if resp.status >= 500:
+        return CacheUnreachable(f"{where}: {resp.status} {detail}")
+    if resp.status in (400, 422):
+        return InvalidInput(f"{where}: {resp.status} {detail}")
+    if resp.status == 409:
+        return Conflict(f"{where}: 409 {detail}")
+    return ModelcacheError(f"{where}: {resp.status} {detail}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
