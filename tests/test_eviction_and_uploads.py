@@ -137,13 +137,16 @@ async def test_upload_with_a_wrong_digest_keeps_nothing(server, http, make_token
         assert (await cur.fetchone())["n"] == 0
 
 
-async def test_cli_upload_with_progress(server, make_token, make_file):
+async def test_cli_upload_with_progress(server, db, make_token, make_file):
     src = make_file(gguf=True, size=3 << 20, name="model.gguf")
     env = {"MODELCACHE_URL": str(server.make_url("")).rstrip("/"), "MODELCACHE_TOKEN": await make_token()}
     done = await asyncio.to_thread(run_cli, "upload", str(src), "--model", "cli", "--version", "2", env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "sha256:" + hashlib.sha256(src.read_bytes()).hexdigest()
     assert "cli:2" in done.stdout  # (the progress bar shows on a terminal only)
+    async with db.connection() as conn:  # the record names the file that was uploaded
+        cur = await conn.execute("SELECT source_uri FROM model_artifacts")
+        assert (await cur.fetchone())["source_uri"] == "upload:model.gguf"
 
 
 def test_a_large_upload_is_never_held_in_memory(dsn, tmp_path, make_file):

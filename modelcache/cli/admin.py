@@ -207,7 +207,7 @@ def upload(client, path: Path, model, version, vendor, artifact_type, expected):
     """Stream a file to the server (POST /v1/imports) with a progress bar."""
     with _progress_bar(path.name, path.stat().st_size) as bar:
         body = client.upload(path, {"model": model, "version": version, "vendor": vendor, "type": artifact_type,
-                                    "sha256": expected}, bar.update)
+                                    "sha256": expected, "filename": path.name}, bar.update)
     return body, _table(_labelled([body]), _ARTIFACT_COLUMNS) + f"\n{body['digest']}"
 
 
