@@ -6,6 +6,7 @@ The whole layout, drawn once::
       blobs/sha256/<hex[:2]>/<hex>   verified, immutable blobs (mode 0444)
       tmp/<random>.partial           in-flight writes, each flock()ed by its writer
       tmp/downloads/<job>.partial    a download's bytes so far, kept across restarts to resume from
+      tmp/downloads/<job>/           a multi-file download's staging folder, kept across restarts alike
       quarantine/<hex>               blobs that failed verification, never served
       import/                        the default import folder (storage.import_dir)
       import/.failed/                files that could not be imported, with a reason file
@@ -29,6 +30,7 @@ import fcntl
 import logging
 import os
 import secrets
+import shutil
 import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -160,7 +162,7 @@ class ResumableTemp(TempBlob):
     """A download's temp file under a stable name: the bytes already there are hashed on open,
     and leaving it (an error, a stop) keeps the file for the next attempt; :meth:`drop` removes it."""
 
-    def __init__(self, path: Path, root: Path, fresh: bool = False, hashed: Hasher | None = None) -> None:
+    def __init__(self, path: Path, root: Path, fresh: bool = False) -> None:
         self.path = path
         self._root = root
         self._file = open(path, "a+b")  # noqa: SIM115 - closed in close()
@@ -171,12 +173,6 @@ class ResumableTemp(TempBlob):
             raise SourceChanged(f"{path}: another process is writing this download") from None
         if fresh:
             self.restart()
-        elif hashed is not None:  # the caller hashed these bytes as it wrote them (a download in parts)
-            size = self._file.seek(0, os.SEEK_END)
-            if size != hashed.size:
-                self._file.close()
-                raise SourceChanged(f"{path}: holds {size} bytes, {hashed.size} were hashed")
-            self.hasher = hashed
         else:
             self._file.seek(0)
             self.hasher = hash_stream(self._file)  # the file's end: appends go on from here
@@ -246,19 +242,19 @@ class BlobStore:
     def temp(self) -> TempBlob:
         return TempBlob(self)
 
-    def resumable(self, name: str, fresh: bool = False, hashed: Hasher | None = None) -> ResumableTemp:
-        """The partial file of download ``name`` (a job id), reopened to resume (or emptied: ``fresh``).
-
-        ``hashed``: the whole file was already hashed by its writer; it is not read again."""
+    def resumable(self, name: str, fresh: bool = False) -> ResumableTemp:
+        """The partial file of download ``name`` (a job id), reopened to resume (or emptied: ``fresh``)."""
         if not name.replace("-", "").isalnum():
             raise InvalidInput(f"invalid download name {name!r}")
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
-        return ResumableTemp(self.downloads_dir / f"{name}.partial", self.root, fresh, hashed)
+        return ResumableTemp(self.downloads_dir / f"{name}.partial", self.root, fresh)
 
     def drop_resumable(self, name: str) -> None:
-        """Remove download ``name``'s partial file and its notes (the job ended)."""
+        """Remove download ``name``'s partial file and its notes, or its staging folder (the job ended)."""
         for suffix in (".partial", ".json"):
             (self.downloads_dir / f"{name}{suffix}").unlink(missing_ok=True)
+        if name.replace("-", "").isalnum():
+            shutil.rmtree(self.downloads_dir / name, ignore_errors=True)
 
     def commit(self, temp: TempBlob, expected: Digest | None = None) -> Blob:
         """Rename a finished temp file into place, read-only.

@@ -300,7 +300,9 @@ def test_sources_config(tmp_path):
     assert settings.sources["mirror"].url == "https://models.example/pub/"
     assert settings.sources["mirror"].token_env == "MIRROR_TOKEN"
     path.write_text('[sources.hub]\nkind = "huggingface"\nurl = "https://huggingface.co"\n')
-    with pytest.raises(ConfigError, match=r"sources\.hub\.kind = 'huggingface'.*not supported yet"):
+    assert config.load(path, env={}).sources["hub"].kind == "huggingface"
+    path.write_text('[sources.hub]\nkind = "ftp"\nurl = "https://huggingface.co"\n')
+    with pytest.raises(ConfigError, match=r"sources\.hub\.kind = 'ftp'.*expected one of http, huggingface"):
         config.load(path, env={})
     path.write_text('[sources.x]\nkind = "http"\nurl = "ftp://x"\n')
     with pytest.raises(ConfigError, match=r"sources\.x\.url = 'ftp://x'"):

@@ -23,11 +23,11 @@ from ..auth import Subject
 from ..config import Settings
 from ..db import Database, audit, downloads
 from ..digest import Digest
-from ..errors import Conflict, Forbidden, ModelcacheError, NotFound
+from ..errors import Conflict, Forbidden, InvalidInput, ModelcacheError, NotFound
 from ..formats import parse_artifact_type
 from ..names import parse_model_name, parse_vendor, parse_version
 from .policy import PolicyRefused, check_allowed
-from .sources import find_source, parse_reference
+from .sources import MAX_REFERENCE, find_source
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +47,21 @@ class DownloadRequest:
     @classmethod
     def parse(cls, source: str, reference: str, model: str, version: str, vendor: str | None = None,
               artifact_type: str | None = None, sha256: str | None = None) -> "DownloadRequest":
-        parse_reference(reference)
+        if not isinstance(reference, str) or not 1 <= len(reference) <= MAX_REFERENCE:
+            raise InvalidInput(f"invalid reference: expected 1-{MAX_REFERENCE} characters")
         return cls(source, reference, parse_model_name(model), parse_version(version), parse_vendor(vendor),
                    parse_artifact_type(artifact_type) if artifact_type else None,
                    Digest.parse(sha256) if sha256 else None)
 
 
 async def request(db: Database, settings: Settings, req: DownloadRequest, subject: Subject) -> dict:
-    """Record a request: queued, or pending approval when the policy asks for it. Refusals are audited."""
+    """Record a request: queued, or pending approval when the policy asks for it. Refusals are audited.
+
+    The reference is read as its source's kind expects (:meth:`~.sources.Source.parse`)."""
     where = f"{req.source}:{req.reference}"
     try:
         source = find_source(settings, req.source)
+        source.parse(req.reference)
         prefs = await preferences.effective(db)
         check_allowed(source, prefs["models.download.allowed_sources"])
         await eviction.admit(db, 0)  # a cache that is already full under policy 'none' takes nothing

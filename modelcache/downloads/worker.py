@@ -19,25 +19,29 @@ validator with ``If-Range``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import os
 import time
 import uuid
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .. import eviction, preferences
 from ..config import Settings
 from ..db import Database, audit, downloads
 from ..digest import Digest
-from ..errors import DatabaseUnavailable, ModelcacheError
-from ..imports import ImportRequest, ingest_stream, register
-from ..store import BlobStore
+from ..errors import ChecksumError, DatabaseUnavailable, ModelcacheError
+from ..formats.ollama import DEFAULT_NAMESPACE, ModelName, ModelsDir
+from ..hashing import CHUNK
+from ..imports import ImportRequest, Ingested, ingest_ollama, ingest_path, ingest_stream, register
+from ..store import BlobStore, ResumableTemp
+from .plans import Plan, RemoteFile, resolve
 from .policy import HopPolicy, check_allowed
 from .requests import RESOURCE, label, requester
-from .sources import find_source
-from .flight import may_start, shared_result
-from .transfer import Transfer, UpstreamChanged, fetch, open_session
+from .sources import Source, find_source
+from .transfer import Transfer, UpstreamChanged, open_session
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +62,6 @@ class DownloadWorker:
         self._jobs: dict[uuid.UUID, asyncio.Task] = {}
         self._transfers: dict[uuid.UUID, Transfer] = {}
         self._cancelled: set[uuid.UUID] = set()
-        self._job_sources: dict[uuid.UUID, str] = {}  # the source of each job running here, for its cap
         self._lock: Any = None  # the connection holding this worker's job locks
 
     async def start(self) -> None:
@@ -136,12 +139,8 @@ class DownloadWorker:
     async def _claim(self) -> dict | None:
         async with self.db.transaction() as conn:
             for row in await downloads.claim_candidates(conn):
-                if row["id"] in self._jobs or not await may_start(conn, self.settings, row,
-                                                                  list(self._job_sources.values())):
-                    continue  # ours already, its source busy, or a twin goes first (flight.py)
-                if not await downloads.try_own(self._lock, row["id"]):
-                    continue  # another process runs it
-                self._job_sources[row["id"]] = row["source"]
+                if row["id"] in self._jobs or not await downloads.try_own(self._lock, row["id"]):
+                    continue  # ours already, or another process runs it
                 claimed = await downloads.update_download(
                     conn, row["id"], ("queued", "running"), state="running", attempts=row["attempts"] + 1,
                     error=None, stamp="started")
@@ -168,8 +167,7 @@ class DownloadWorker:
                 if last_bytes is not None and now > last_at:
                     rate = int(max(transfer.offset - last_bytes, 0) / (now - last_at))
                 last_at, last_bytes = now, transfer.offset
-                if not await self._progress(job_id, transfer.offset, transfer.total, rate,
-                                            getattr(transfer, "retrying", None)):
+                if not await self._progress(job_id, transfer.offset, transfer.total, rate):
                     self._cancelled.add(job_id)
                     task.cancel()
             result = task.result()
@@ -197,8 +195,6 @@ class DownloadWorker:
             return
         finally:
             self._transfers.pop(job_id, None)
-            self._job_sources.pop(job_id, None)
-            self._wake.set()  # a job waiting for this one's source or content may start
             await self._disown(job_id)
 
     async def _transfer(self, job: dict) -> Any:
@@ -206,35 +202,151 @@ class DownloadWorker:
         source = find_source(self.settings, job["source"])
         allowed = (await preferences.effective(self.db))["models.download.allowed_sources"]
         check_allowed(source, allowed)  # the policy may have changed since the request
-        shared = await shared_result(self.db, self.store, job)
-        if shared is not None:  # a twin fetched the same content while this job waited (flight.py)
-            return shared
+        if source.kind != "http":
+            return await self._transfer_artifact(job, source, allowed)
         url = source.url_for(job["reference"])
         req = ImportRequest.parse(PurePosixPath(job["reference"]).name, job["model_name"], job["version"],
                                   job["model_vendor"], job["artifact_type"], source_uri=url)
         expected = Digest.parse(job["expected_sha256"]) if job["expected_sha256"] else None
         policy = HopPolicy(source, allowed, self.settings.downloads.max_redirects)
-
-        async def opened(transfer: Transfer, restarted: bool) -> None:
-            await eviction.admit(self.db, transfer.total or 0)  # refused (507) before the body is read
-            await self._started(job, transfer, resumed=transfer.offset > 0 or job["resumed"] or restarted)
-
+        notes_path = self.store.downloads_dir / f"{job_id}.json"
+        notes = await asyncio.to_thread(_read_notes, notes_path)
+        fresh = False
         async with open_session(policy, self.settings.downloads) as session:
-            transfer = Transfer(session, policy, url, source.token(), settings=self.settings.downloads)
-            self._transfers[job_id] = transfer  # its progress, and why it is retrying, reach the row
-            temp = await fetch(transfer, self.store, str(job_id), on_open=opened)
-        try:
-            ingested = await ingest_stream(self.db, self.store, req, _no_chunks(), expected=expected,
-                                           total=transfer.total, temp=temp)
-        finally:
-            temp.close()  # kept on disk unless committed: the next attempt resumes from it
+            transfer = Transfer(session, policy, url, source.token())
+            for restart in range(MAX_RESTARTS + 1):
+                # reopened each attempt: the bytes a past attempt (or process) left are hashed again
+                temp = await asyncio.to_thread(self.store.resumable, str(job_id), fresh)
+                response = None
+                try:
+                    have = temp.hasher.size
+                    response = await transfer.open(have, notes.get("validator") if have else None)
+                    if transfer.offset != have:
+                        logger.info("download %s: %s sent the whole file instead of the bytes from %d on "
+                                    "(it changed, or ignores ranges); starting over", job_id, url, have)
+                        await asyncio.to_thread(temp.restart)
+                    notes = {"validator": transfer.validator, "total": transfer.total}
+                    await asyncio.to_thread(_write_notes, notes_path, notes)
+                    await self._started(job, transfer, resumed=transfer.offset > 0 or job["resumed"] or restart > 0)
+                    self._transfers[job_id] = transfer
+                    ingested = await ingest_stream(self.db, self.store, req, transfer.chunks(response),
+                                                   expected=expected, total=transfer.total, temp=temp)
+                except UpstreamChanged as exc:
+                    if restart == MAX_RESTARTS:
+                        raise
+                    logger.info("download %s: %s", job_id, exc.detail)
+                    fresh, notes = True, {}
+                    continue
+                finally:
+                    if response is not None:
+                        response.release()  # refused before its body was read (507): let the connection go
+                    temp.close()  # kept on disk unless committed: the next attempt resumes from it
+                return await register(self.db, self.store, req, ingested, requester(job))
+        raise AssertionError("unreachable")
+
+    # -- a multi-file artifact (kinds modelcache, huggingface, ollama) ----------
+
+    async def _transfer_artifact(self, job: dict, source: Source, allowed: list[str]) -> Any:
+        """Resolve the reference, fetch each file verified into ``tmp/downloads/<job>/``, import them as one.
+
+        The staging folder outlives a stop like the single file's partial does: files already
+        verified are kept (``verified.json``), the one in flight resumes from its bytes on disk.
+        """
+        job_id = job["id"]
+        policy = HopPolicy(source, allowed, self.settings.downloads.max_redirects)
+        staging = Staging(self.store, str(job_id))
+        async with open_session(policy, self.settings.downloads) as session:
+            plan = await resolve(source, source.parse(job["reference"]), session, policy, job["artifact_type"])
+            await eviction.admit(self.db, plan.total or 0)  # refused (507) before any byte moves
+            verified = await asyncio.to_thread(staging.verified)
+            progress = FilesProgress(plan.total)
+            self._transfers[job_id] = progress  # type: ignore[assignment]
+            await self._started(job, progress, resumed=bool(verified) or job["resumed"])  # type: ignore[arg-type]
+            for index, remote in enumerate(plan.files):
+                if verified.get(remote.path) and (remote.digest is None or verified[remote.path] == str(remote.digest)):
+                    progress.done += remote.size or 0
+                    continue
+                digest = await self._fetch_file(job_id, session, policy, plan, index, staging, progress)
+                progress.done += remote.size or 0
+                progress.current = None
+                verified[remote.path] = str(digest)
+                await asyncio.to_thread(staging.write_verified, verified)
+            logger.info("download %s: %d files of %s:%s verified; importing them as %s", job_id, len(plan.files),
+                        job["source"], job["reference"], label(job))
+        req, ingested = await self._ingest_staged(job, plan, staging)
+        wanted = [d for d in (plan.digest, Digest.parse(job["expected_sha256"]) if job["expected_sha256"] else None)
+                  if d is not None]
+        for want in wanted:
+            if ingested.manifest.digest != want:
+                # the files are each right, but they do not make the artifact declared (or expected)
+                raise ChecksumError(f"{job['source']}:{job['reference']}", str(want), str(ingested.manifest.digest))
         return await register(self.db, self.store, req, ingested, requester(job))
 
-    async def _progress(self, job_id: uuid.UUID, done: int, total: int | None, rate: int | None,
-                        error: str | None = None) -> bool:
+    async def _fetch_file(self, job_id: uuid.UUID, session: Any, policy: HopPolicy, plan: Plan, index: int,
+                          staging: "Staging", progress: "FilesProgress") -> Digest:
+        """One file of a plan into the staging folder, resumed from its bytes on disk, checked against what
+        the upstream declared; a mismatch keeps nothing of it."""
+        remote = plan.files[index]
+        notes = await asyncio.to_thread(staging.part_notes, index, remote)
+        fresh = not notes
+        transfer = Transfer(session, policy, remote.url, plan.token)
+        for restart in range(MAX_RESTARTS + 1):
+            temp = await asyncio.to_thread(staging.part, index, fresh)
+            response = None
+            try:
+                have = temp.hasher.size
+                response = await transfer.open(have, notes.get("validator") if have else None)
+                if transfer.offset != have:
+                    await asyncio.to_thread(temp.restart)
+                notes = {"url": remote.url, "digest": str(remote.digest), "validator": transfer.validator}
+                await asyncio.to_thread(staging.write_part_notes, index, notes)
+                progress.current = transfer
+                pending = bytearray()
+                async for chunk in transfer.chunks(response):
+                    pending += chunk
+                    if len(pending) >= CHUNK:
+                        await asyncio.to_thread(temp.write, bytes(pending))
+                        pending.clear()
+                await asyncio.to_thread(temp.write, bytes(pending))
+                await asyncio.to_thread(temp.finish)
+                git_sha1 = await asyncio.to_thread(_git_blob_sha1, temp.path) if remote.git_sha1 else None
+                try:
+                    remote.check(temp.hasher.size, temp.hasher.digest, git_sha1)
+                except ChecksumError:
+                    await asyncio.to_thread(staging.drop_part, index)
+                    raise
+                await asyncio.to_thread(staging.keep, index, remote.path)
+                logger.info("download %s: %s verified (%s, %d bytes)", job_id, remote.path, temp.hasher.digest,
+                            temp.hasher.size)
+                return temp.hasher.digest
+            except UpstreamChanged as exc:
+                if restart == MAX_RESTARTS:
+                    raise
+                logger.info("download %s: %s: %s", job_id, remote.path, exc.detail)
+                fresh, notes = True, {}
+            finally:
+                if response is not None:
+                    response.release()
+                temp.close()
+        raise AssertionError("unreachable")
+
+    async def _ingest_staged(self, job: dict, plan: Plan, staging: "Staging") -> tuple[ImportRequest, Ingested]:
+        """The verified files through the import road, hard-linked (one set of content checks for every road)."""
+        if plan.layout == "ollama":
+            models = await asyncio.to_thread(staging.as_ollama_models, plan.manifest)
+            req = ImportRequest.parse(models.manifest_path(STAGED_OLLAMA), job["model_name"], job["version"],
+                                      job["model_vendor"], "ollama", source_uri=plan.source_uri)
+            return req, await ingest_ollama(self.db, self.store, models, STAGED_OLLAMA, link=True)
+        path = staging.files / plan.files[0].path if plan.layout == "file" else staging.files
+        req = ImportRequest.parse(path, job["model_name"], job["version"], job["model_vendor"],
+                                  job["artifact_type"] or plan.artifact_type, move=True, source_uri=plan.source_uri,
+                                  inspect=True)
+        return req, await ingest_path(self.db, self.store, req)
+
+    async def _progress(self, job_id: uuid.UUID, done: int, total: int | None, rate: int | None) -> bool:
         try:
             async with self.db.connection() as conn:
-                return await downloads.record_progress(conn, job_id, done, total, rate, error)
+                return await downloads.record_progress(conn, job_id, done, total, rate)
         except DatabaseUnavailable as exc:
             logger.warning("download %s: progress not recorded: %s", job_id, exc.detail)
             return True
@@ -306,6 +418,89 @@ class DownloadWorker:
         await asyncio.to_thread(self.store.drop_resumable, str(job["id"]))
         logger.info("download %s cancelled while running: %s:%s; its partial file was removed", job["id"],
                     job["source"], job["reference"])
+
+
+# an Ollama models dir made of a staging folder names its one model so
+STAGED_OLLAMA = ModelName("download", DEFAULT_NAMESPACE, "model", "latest")
+
+
+class FilesProgress:
+    """The bytes of a multi-file download so far, read by the progress loop as a Transfer's are."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total = total
+        self.done = 0  # in the files verified so far
+        self.current: Transfer | None = None
+
+    @property
+    def offset(self) -> int:
+        return self.done + (self.current.offset if self.current is not None else 0)
+
+
+class Staging:
+    """A multi-file download's folder, ``tmp/downloads/<job>/``, kept across restarts (blocking methods)::
+
+        parts/<n>.partial   file n of the plan so far (resumable), and parts/<n>.json its validator
+        files/<path>        the verified files, laid out as the artifact names them
+        verified.json       path -> digest of each verified file
+    """
+
+    def __init__(self, store: BlobStore, job: str) -> None:
+        self.store = store
+        self.root = store.downloads_dir / job
+        self.parts = self.root / "parts"
+        self.files = self.root / "files"
+
+    def verified(self) -> dict[str, str]:
+        found = _read_notes(self.root / "verified.json")
+        # a file listed but gone (the import moved it, then the process stopped) is fetched again
+        return {p: d for p, d in found.items() if (self.files / p).is_file()}
+
+    def write_verified(self, verified: dict[str, str]) -> None:
+        _write_notes(self.root / "verified.json", verified)
+
+    def part(self, index: int, fresh: bool) -> ResumableTemp:
+        self.parts.mkdir(parents=True, exist_ok=True)
+        return ResumableTemp(self.parts / f"{index}.partial", self.store.root, fresh)
+
+    def part_notes(self, index: int, remote: RemoteFile) -> dict:
+        """The notes of a part left by an earlier attempt, if it was of the same file."""
+        notes = _read_notes(self.parts / f"{index}.json")
+        return notes if notes.get("url") == remote.url and notes.get("digest") == str(remote.digest) else {}
+
+    def write_part_notes(self, index: int, notes: dict) -> None:
+        self.parts.mkdir(parents=True, exist_ok=True)
+        _write_notes(self.parts / f"{index}.json", notes)
+
+    def keep(self, index: int, path: str) -> None:
+        """A verified part becomes ``files/<path>`` (renamed: the bytes hashed are the bytes kept)."""
+        target = self.files / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.parts / f"{index}.partial", target)
+        (self.parts / f"{index}.json").unlink(missing_ok=True)
+
+    def drop_part(self, index: int) -> None:
+        for suffix in (".partial", ".json"):
+            (self.parts / f"{index}{suffix}").unlink(missing_ok=True)
+
+    def as_ollama_models(self, manifest: bytes | None) -> ModelsDir:
+        """``files/`` as an Ollama models dir: its blobs are there; the manifest goes where Ollama keeps one."""
+        models = ModelsDir(self.files)
+        raw = manifest if manifest is not None else (self.files / "manifest").read_bytes()
+        path = models.manifest_path(STAGED_OLLAMA)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(raw)
+        return models
+
+
+def _git_blob_sha1(path: Path) -> str:
+    """Git's blob id of a file (sha1 of ``blob <size>\\0`` and the bytes): what the Hub declares for a small file."""
+    size = path.stat().st_size
+    h = hashlib.sha1(b"blob %d\0" % size)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 async def _no_chunks():

@@ -142,8 +142,12 @@ async def ingest_stream(db: Database, store: BlobStore, req: ImportRequest, chun
 
 
 async def ingest_ollama(db: Database, store: BlobStore, folder: ModelsDir, name: ModelName, *,
-                        progress: Progress | None = None) -> Ingested:
-    """Store an Ollama model's manifest byte for byte and every blob it names, each checked against its digest."""
+                        progress: Progress | None = None, link: bool = False) -> Ingested:
+    """Store an Ollama model's manifest byte for byte and every blob it names, each checked against its digest.
+
+    ``link``: the blobs are hard-linked into the store rather than copied (a download's staging folder,
+    which is removed afterwards; never a user's models dir, whose files must stay writable by Ollama).
+    """
     started = time.monotonic()
     path = await asyncio.to_thread(folder.find_manifest, name)
     raw = await asyncio.to_thread(_read_small, path, MAX_MANIFEST_BYTES)
@@ -151,7 +155,7 @@ async def ingest_ollama(db: Database, store: BlobStore, folder: ModelsDir, name:
     sources = await asyncio.to_thread(_ollama_sources, folder, manifest)
     total = len(raw) + sum(d.size for d, _ in sources)
     await eviction.admit(db, total)
-    files = await asyncio.to_thread(_ingest_ollama_files, store, raw, sources, _Meter(total, progress))
+    files = await asyncio.to_thread(_ingest_ollama_files, store, raw, sources, _Meter(total, progress), link)
     media_types = {"manifest": DOCKER_MANIFEST_V2}
     media_types.update({_ollama_blob_name(d.digest): d.media_type for d, _ in sources})
     config = await asyncio.to_thread(_read_small, store.path_for(manifest.config.digest), MAX_MANIFEST_BYTES)
@@ -175,7 +179,7 @@ def _ollama_sources(folder: ModelsDir, manifest: Manifest) -> list[tuple[Descrip
 
 
 def _ingest_ollama_files(store: BlobStore, raw: bytes, sources: list[tuple[Descriptor, Path]],
-                         meter: _Meter) -> list[tuple[str, Blob]]:
+                         meter: _Meter, link: bool = False) -> list[tuple[str, Blob]]:
     with store.temp() as temp:
         temp.write(raw)
         temp.finish()
@@ -183,7 +187,7 @@ def _ingest_ollama_files(store: BlobStore, raw: bytes, sources: list[tuple[Descr
     meter(len(raw))
     for d, path in sources:
         try:
-            blob = store.ingest_copy(path, expected=d.digest, progress=meter)
+            blob = (store.ingest_link if link else store.ingest_copy)(path, d.digest, meter)
         except ChecksumError as exc:
             raise ChecksumError(str(path), exc.expected, exc.actual) from None
         files.append((_ollama_blob_name(d.digest), blob))

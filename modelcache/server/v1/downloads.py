@@ -20,7 +20,10 @@ STATES = ("pending_approval", "queued", "running", "completed", "failed", "rejec
 class DownloadCreate(Strict):
     source: str = Field(min_length=1, max_length=63, description="a configured source id ([sources.<id>])")
     reference: str = Field(min_length=1, max_length=1000,
-                           description="for the http kind: a path relative to the source's URL")
+                           description="by the source's kind: http, a path relative to the source's URL; "
+                                       "modelcache, sha256:<hex> or [vendor/]model:version; huggingface, "
+                                       "org/name[@revision][?include=PATTERN[,PATTERN...]]; ollama, "
+                                       "[namespace/]model[:tag]")
     model: ModelName
     version: Version
     vendor: ModelName | None = None

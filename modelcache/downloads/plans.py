@@ -1,0 +1,280 @@
+"""What a reference of a multi-file source kind resolves to: the files to fetch and the artifact they make.
+
+:func:`resolve` asks the upstream for its metadata when the transfer starts
+and answers a :class:`Plan`; the worker then fetches each file (verified
+against the size and digest declared here) and puts them together as
+``plan.layout`` says:
+
+    file     one file (a GGUF from another cache): the file import road
+    folder   a snapshot (safetensors with its config): the folder import road, same file paths
+    ollama   a Docker v2 manifest and its blobs: the Ollama-directory import road, manifest byte for byte
+
+Per kind:
+
+- ``modelcache``: ``GET /v1/artifacts/<digest>`` (or ``/v1/artifacts?model=&version=``) for the files,
+  their digests and sizes and the artifact's type; bytes from ``/v1/blobs/<digest>``. The artifact's
+  digest is declared too, and the one we make must equal it (same files, same paths).
+- ``huggingface``: ``HfApi(endpoint=source URL).model_info(files_metadata=True)`` for the commit and the
+  files (an LFS file's sha256; a small file's size and git blob id only); bytes from
+  ``{endpoint}/{repo}/resolve/{commit}/{path}``, the commit pinned so every file is of one revision.
+- ``ollama``: the manifest from ``/v2/<ns>/<model>/manifests/<tag>`` (Accept: Docker v2 only, as Ollama
+  asks), after a registry's Bearer challenge (401 → the realm's token → again); the config and layers by
+  digest from ``/v2/<ns>/<model>/blobs/<digest>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from ..db.oci import SYNTHESISED_PREFIX
+from ..digest import Digest
+from ..errors import ChecksumError, InvalidInput, NotFound
+from ..formats import DOCKER_MANIFEST_V2, load_json_object
+from ..formats.folder import is_hidden
+from ..formats.ollama import MAX_MANIFEST_BYTES, Manifest
+from .policy import HopPolicy
+from .sources import ArtifactRef, HubRef, OllamaRef, Source
+from .transfer import Transfer, UpstreamError
+
+logger = logging.getLogger(__name__)
+
+MAX_METADATA_BYTES = 8 << 20
+SERVABLE = ("promoted", "staged")  # what another cache may hand out (staged: to its admins and operators)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file to fetch: where it goes in the artifact, where it comes from, what the upstream declares."""
+
+    path: str
+    url: str
+    size: int | None
+    digest: Digest | None  # the sha256 the upstream declares; None: only the size (and git_sha1) is known
+    git_sha1: str | None = None  # the Hub's git blob id of a small (non-LFS) file
+
+    def check(self, size: int, digest: Digest, git_sha1: str | None) -> None:
+        """The fetched file is what was declared; ChecksumError names the file and both values."""
+        if self.size is not None and size != self.size:
+            raise ChecksumError(f"{self.path} from {_shown(self.url)}", f"{self.size} bytes", f"{size} bytes")
+        if self.digest is not None and digest != self.digest:
+            raise ChecksumError(f"{self.path} from {_shown(self.url)}", str(self.digest), str(digest))
+        if self.git_sha1 is not None and git_sha1 is not None and git_sha1 != self.git_sha1:
+            raise ChecksumError(f"{self.path} from {_shown(self.url)}", f"git blob {self.git_sha1}",
+                                f"git blob {git_sha1}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    layout: str  # file, folder or ollama
+    artifact_type: str
+    files: tuple[RemoteFile, ...]
+    source_uri: str
+    token: str | None  # sent with the file GETs, to the source's own host only
+    digest: Digest | None = None  # the artifact digest the upstream declares
+    manifest: bytes | None = None  # ollama: the manifest as the registry served it
+
+    @property
+    def total(self) -> int | None:
+        sizes = [f.size for f in self.files]
+        return None if None in sizes else sum(sizes) + len(self.manifest or b"")  # type: ignore[arg-type]
+
+
+async def resolve(source: Source, reference: ArtifactRef | HubRef | OllamaRef, session: aiohttp.ClientSession,
+                  policy: HopPolicy, artifact_type: str | None) -> Plan:
+    if isinstance(reference, ArtifactRef):
+        return await _modelcache(source, reference, session, policy, artifact_type)
+    if isinstance(reference, HubRef):
+        return await _huggingface(source, reference, policy, artifact_type)
+    return await _ollama(source, reference, session, policy, artifact_type)
+
+
+# -- modelcache ----------------------------------------------------------------------------
+
+
+async def _modelcache(source: Source, ref: ArtifactRef, session: aiohttp.ClientSession, policy: HopPolicy,
+                      artifact_type: str | None) -> Plan:
+    token = source.token()
+    if ref.digest is not None:
+        found = [await _get_json(session, policy, source.url_of(f"v1/artifacts/{ref.digest}"), token)]
+    else:
+        query = {"model": ref.model, "version": ref.version, "limit": "100"}
+        if ref.vendor:
+            query["vendor"] = ref.vendor
+        if artifact_type:
+            query["type"] = artifact_type
+        page = await _get_json(session, policy, source.url_of("v1/artifacts") + "?" + urllib.parse.urlencode(query),
+                               token)
+        found = [a for a in page.get("artifacts", []) if a.get("vendor") == ref.vendor]
+    found = [a for a in found if a.get("state") in SERVABLE]
+    if not found:
+        raise NotFound(f"{source.id} ({source.base_url}) holds no servable artifact {ref}")
+    if len(found) > 1:
+        raise InvalidInput(f"{source.id} holds {len(found)} artifacts for {ref} ("
+                           f"{', '.join(sorted(a['artifact_type'] + ' ' + a['digest'] for a in found))}); ask "
+                           "for one by its digest or give the artifact type")
+    artifact = found[0]
+    try:
+        kind = artifact["artifact_type"]
+        digest = Digest.parse(artifact["digest"])
+        files = tuple(RemoteFile(_file_path(f["path"]), source.url_of(f"v1/blobs/{Digest.parse(f['digest'])}"),
+                                 int(f["size_bytes"]), Digest.parse(f["digest"])) for f in artifact["files"]
+                      if not f["path"].startswith(SYNTHESISED_PREFIX))  # derived here again, at registration
+    except (KeyError, TypeError, ValueError, InvalidInput) as exc:
+        raise UpstreamError(f"{source.id}: /v1/artifacts answered an artifact we cannot read ({exc})") from None
+    if artifact_type and kind != artifact_type:
+        raise InvalidInput(f"{source.id}: {ref} is a {kind} artifact, not {artifact_type}")
+    if kind == "ollama":
+        layout = "ollama"
+    elif len(files) == 1 and files[0].digest == digest:
+        layout = "file"
+    else:
+        layout = "folder"
+    return Plan(layout, kind, files, f"{source.base_url}v1/artifacts/{digest}", token, digest)
+
+
+def _file_path(path: Any) -> str:
+    """A file path of an artifact as another cache lists it: relative, no '..', nothing hidden."""
+    parts = path.split("/") if isinstance(path, str) else [""]
+    if not all(parts) or any(p in (".", "..") or is_hidden(p) or "\0" in p for p in parts):
+        raise InvalidInput(f"file path {str(path)[:100]!r} is not a relative path of plain names")
+    return path
+
+
+# -- huggingface ---------------------------------------------------------------------------
+
+
+async def _huggingface(source: Source, ref: HubRef, policy: HopPolicy, artifact_type: str | None) -> Plan:
+    token = source.token()
+    endpoint = source.base_url.rstrip("/")
+    policy.check(source.base_url, 0)  # HfApi reads the metadata itself, from the source's own URL only
+    info = await asyncio.to_thread(_model_info, endpoint, ref, token)
+    commit = info.sha
+    if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise UpstreamError(f"{source.id}: {ref.repo}@{ref.revision} has no commit id ({commit!r})")
+    files = []
+    for sibling in info.siblings or ():
+        path = sibling.rfilename
+        if any(is_hidden(p) for p in path.split("/")) or not ref.wants(path):
+            continue  # .gitattributes and the like are not part of a folder artifact
+        _file_path(path)
+        lfs = sibling.lfs
+        url = f"{endpoint}/{ref.repo}/resolve/{commit}/" + urllib.parse.quote(path)
+        if lfs is not None:
+            files.append(RemoteFile(path, url, int(lfs.size), Digest.parse(f"sha256:{lfs.sha256}")))
+        else:  # a small file in git: its size and git blob id are all the Hub says
+            files.append(RemoteFile(path, url, sibling.size, None, sibling.blob_id))
+    if not files:
+        raise NotFound(f"{source.id}: {ref} names no files ({len(info.siblings or ())} in the repository"
+                       f"{', none matching the include patterns' if ref.include else ''})")
+    return Plan("folder", artifact_type or "safetensors", tuple(files),
+                f"{endpoint}/{ref.repo}/tree/{commit}", token)
+
+
+def _model_info(endpoint: str, ref: HubRef, token: str | None) -> Any:
+    """The Hub's model info with each file's metadata (blocking; in a thread). Never the host's saved token."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = HfApi(endpoint=endpoint, token=token or False).model_info(
+            ref.repo, revision=ref.revision, files_metadata=True)
+        if not info.siblings:  # a repository too large for the info lists its tree instead
+            from huggingface_hub.hf_api import RepoSibling
+            tree = HfApi(endpoint=endpoint, token=token or False).list_repo_tree(
+                ref.repo, revision=info.sha, recursive=True, expand=True)
+            info.siblings = [RepoSibling(t.path, t.size, t.blob_id, t.lfs) for t in tree
+                             if getattr(t, "blob_id", None) is not None and hasattr(t, "lfs")]
+        return info
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise NotFound(f"{endpoint}: {ref.repo}@{ref.revision}: {str(exc).splitlines()[0]}") from None
+    except HfHubHTTPError as exc:
+        raise UpstreamError(f"{endpoint}: {ref.repo}@{ref.revision}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:  # httpx's and requests' connection errors are OSErrors underneath, or wrap them
+        raise UpstreamError(f"cannot reach {endpoint}: {exc}") from None
+
+
+# -- ollama --------------------------------------------------------------------------------
+
+
+async def _ollama(source: Source, ref: OllamaRef, session: aiohttp.ClientSession, policy: HopPolicy,
+                  artifact_type: str | None) -> Plan:
+    if artifact_type not in (None, "ollama"):
+        raise InvalidInput(f"an ollama source gives ollama artifacts, not {artifact_type}")
+    configured = source.token()
+    url = source.url_of(f"v2/{ref.repository}/manifests/{ref.tag}")
+    accept = {"Accept": DOCKER_MANIFEST_V2}  # as Ollama asks: a registry answers the Docker v2 form or 404
+    token = configured
+    try:
+        raw = await _get(session, policy, url, token, accept, MAX_MANIFEST_BYTES)
+    except UpstreamError as exc:
+        if not (exc.challenge or "").lower().startswith("bearer "):
+            raise
+        token = await _registry_token(session, policy, exc.challenge, configured, ref)
+        raw = await _get(session, policy, url, token, accept, MAX_MANIFEST_BYTES)
+    manifest = Manifest.parse(raw, f"{source.id}:{ref}")
+    files = tuple(RemoteFile(f"blobs/sha256-{d.digest.hex}", source.url_of(f"v2/{ref.repository}/blobs/{d.digest}"),
+                             d.size, d.digest) for d in manifest.blobs)
+    digest = Digest(hashlib.sha256(raw).hexdigest())
+    return Plan("ollama", "ollama", files, f"{source.base_url}v2/{ref.repository}/manifests/{ref.tag}", token,
+                digest, raw)
+
+
+async def _registry_token(session: aiohttp.ClientSession, policy: HopPolicy, challenge: str,
+                          configured: str | None, ref: OllamaRef) -> str:
+    """Docker's token flow: GET the challenge's realm with its service and scope; answers ``{"token": ...}``."""
+    params = dict(re.findall(r'(\w+)="([^"]*)"', challenge[len("Bearer "):]))
+    realm = params.pop("realm", None)
+    if not realm:
+        raise UpstreamError(f"the registry asked for a Bearer token without a realm: {challenge[:200]!r}")
+    params.setdefault("scope", f"repository:{ref.repository}:pull")
+    url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(params)
+    # the configured token goes to the realm only when it is on the source's own host (Transfer's rule)
+    body = await _get_json(session, policy, url, configured)
+    token = body.get("token") or body.get("access_token")
+    if not isinstance(token, str) or not token:
+        raise UpstreamError(f"the registry's token realm {_shown(realm)} answered no token")
+    return token
+
+
+# -- small GETs through the guarded session -------------------------------------------------
+
+
+async def _get(session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None,
+               headers: dict[str, str] | None, limit: int) -> bytes:
+    transfer = Transfer(session, policy, url, token, headers)
+    response = await transfer.open()
+    try:
+        if response.content_length is not None and response.content_length > limit:
+            raise UpstreamError(f"{_shown(url)} answered {response.content_length} bytes, more than {limit}")
+        raw = bytearray()
+        async for chunk in response.content.iter_any():
+            raw += chunk
+            if len(raw) > limit:
+                raise UpstreamError(f"{_shown(url)} answered more than {limit} bytes")
+        return bytes(raw)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise UpstreamError(f"{_shown(url)}: {exc or type(exc).__name__}") from None
+    finally:
+        response.release()
+
+
+async def _get_json(session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None) -> dict:
+    raw = await _get(session, policy, url, token, {"Accept": "application/json"}, MAX_METADATA_BYTES)
+    try:
+        return load_json_object(raw, MAX_METADATA_BYTES)
+    except ValueError as exc:
+        raise UpstreamError(f"{_shown(url)} answered something other than a JSON object: {exc}") from None
+
+
+def _shown(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
