@@ -82,6 +82,17 @@ class DownloadSettings:
     # Seconds to connect, and seconds without a byte before a transfer counts as dropped (and resumes).
     connect_timeout: float = 15.0
     read_timeout: float = 60.0
+    # Files at least this big are fetched as parallel_parts ranged requests at once, where the
+    # upstream serves ranges; smaller ones (or parallel_parts = 1) as one stream.
+    part_threshold_bytes: int = 256 << 20
+    parallel_parts: int = 4
+    # Bytes per second all upstream transfers of one process share (a token bucket); 0: unlimited.
+    max_bytes_per_second: int = 0
+    # An upstream answering 429 or 5xx, or not reachable, is asked again this many times per request,
+    # after Retry-After when it says, else after retry_seconds doubled each time, at most retry_max_seconds.
+    retries: int = 5
+    retry_seconds: float = 1.0
+    retry_max_seconds: float = 60.0
 
 
 SOURCE_KINDS = ("http", "huggingface", "ollama", "modelcache")
@@ -98,6 +109,8 @@ class SourceSettings:
     # The environment variable, or the file, holding a bearer token; read when a transfer starts.
     token_env: str | None = None
     token_file: Path | None = None
+    # Downloads from this source one process runs at once (the others wait, queued).
+    max_concurrent: int = 2
 
 
 @dataclass(frozen=True)
@@ -255,11 +268,14 @@ _PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
               "progress_seconds": _float(0)},
     "downloads": {"workers": _int(1, 64), "poll_seconds": _seconds(0.1, 3600), "max_redirects": _int(0, 20),
                   "ca_bundle": _optional_path, "connect_timeout": _seconds(1, 3600),
-                  "read_timeout": _seconds(1, 86400)},
+                  "read_timeout": _seconds(1, 86400), "part_threshold_bytes": _int(1 << 20, 1 << 50),
+                  "parallel_parts": _int(1, 16), "max_bytes_per_second": _int(0, 1 << 40),
+                  "retries": _int(0, 100), "retry_seconds": _seconds(0.01, 3600),
+                  "retry_max_seconds": _seconds(0.01, 86400)},
     "log": {"format": _choice("text", "json"), "level": _choice("debug", "info", "warning", "error")},
 }
 
-_SOURCE_KEYS = ("kind", "url", "token_env", "token_file")
+_SOURCE_KEYS = ("kind", "url", "token_env", "token_file", "max_concurrent")
 
 
 def _source(source_id: str, values: Any, origin: str) -> SourceSettings:
@@ -299,7 +315,13 @@ def _source(source_id: str, values: Any, origin: str) -> SourceSettings:
             raise bad("token_file", token_file, str(exc)) from None
     if token_env and token_file:
         raise ConfigError(f"sources.{source_id} (from {origin}): give token_env or token_file, not both")
-    return SourceSettings(source_id, kind, url if url.endswith("/") else url + "/", token_env, token_file)
+    extra = {}
+    if "max_concurrent" in values:
+        try:
+            extra["max_concurrent"] = _int(1, 64)(values["max_concurrent"])
+        except ValueError as exc:
+            raise bad("max_concurrent", values["max_concurrent"], str(exc)) from None
+    return SourceSettings(source_id, kind, url if url.endswith("/") else url + "/", token_env, token_file, **extra)
 
 def load(
     config_file: Path | None = None,

@@ -162,7 +162,7 @@ class ResumableTemp(TempBlob):
     """A download's temp file under a stable name: the bytes already there are hashed on open,
     and leaving it (an error, a stop) keeps the file for the next attempt; :meth:`drop` removes it."""
 
-    def __init__(self, path: Path, root: Path, fresh: bool = False) -> None:
+    def __init__(self, path: Path, root: Path, fresh: bool = False, hashed: Hasher | None = None) -> None:
         self.path = path
         self._root = root
         self._file = open(path, "a+b")  # noqa: SIM115 - closed in close()
@@ -173,6 +173,12 @@ class ResumableTemp(TempBlob):
             raise SourceChanged(f"{path}: another process is writing this download") from None
         if fresh:
             self.restart()
+        elif hashed is not None:  # the caller hashed these bytes as it wrote them (a download in parts)
+            size = self._file.seek(0, os.SEEK_END)
+            if size != hashed.size:
+                self._file.close()
+                raise SourceChanged(f"{path}: holds {size} bytes, {hashed.size} were hashed")
+            self.hasher = hashed
         else:
             self._file.seek(0)
             self.hasher = hash_stream(self._file)  # the file's end: appends go on from here
@@ -242,12 +248,14 @@ class BlobStore:
     def temp(self) -> TempBlob:
         return TempBlob(self)
 
-    def resumable(self, name: str, fresh: bool = False) -> ResumableTemp:
-        """The partial file of download ``name`` (a job id), reopened to resume (or emptied: ``fresh``)."""
+    def resumable(self, name: str, fresh: bool = False, hashed: Hasher | None = None) -> ResumableTemp:
+        """The partial file of download ``name`` (a job id), reopened to resume (or emptied: ``fresh``).
+
+        ``hashed``: the whole file was already hashed by its writer; it is not read again."""
         if not name.replace("-", "").isalnum():
             raise InvalidInput(f"invalid download name {name!r}")
         self.downloads_dir.mkdir(parents=True, exist_ok=True)
-        return ResumableTemp(self.downloads_dir / f"{name}.partial", self.root, fresh)
+        return ResumableTemp(self.downloads_dir / f"{name}.partial", self.root, fresh, hashed)
 
     def drop_resumable(self, name: str) -> None:
         """Remove download ``name``'s partial file and its notes, or its staging folder (the job ended)."""

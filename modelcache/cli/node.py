@@ -71,3 +71,50 @@ def pull(ref: str, output: Path | None, url: str | None, token: str | None, arti
 
     for path in asyncio.run(go()):
         click.echo(str(path))
+
+
+@main.command("node")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="The node's TOML config, as `modelcache node-register --config-out` wrote it.")
+@click.option("--url", default=None, help="The cache's URL (cache_url).")
+@click.option("--token", default=None, help="This node's token (token).")
+@click.option("--node-id", default=None, help="This node's id (node_id).")
+@click.option("--runtime", "runtimes", multiple=True, help="ollama, hf or files; repeat for several (runtimes).")
+@click.option("--ollama-models", type=click.Path(path_type=Path), default=None,
+              help="Ollama models dir (default OLLAMA_MODELS, else ~/.ollama/models).")
+@click.option("--ollama-alias", is_flag=True, default=None,
+              help="Also name models registry.ollama.ai/library/MODEL:TAG, so a plain `ollama run MODEL:TAG` works.")
+@click.option("--hf-home", type=click.Path(path_type=Path), default=None,
+              help="HF_HOME: the Hugging Face cache is DIR/hub (default HF_HUB_CACHE, else ~/.cache/huggingface/hub).")
+@click.option("--hf-cache", type=click.Path(path_type=Path), default=None, help="The Hugging Face hub cache itself.")
+@click.option("--files-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder for the files runtime: DIR/VENDOR/MODEL/VERSION/FILE.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="The node's blob store and inventory (default ~/.local/state/modelcache/node).")
+@click.option("--heartbeat", "heartbeat_seconds", type=float, default=None, help="Seconds between heartbeats (15).")
+@click.option("--log-level", default="info", show_default=True)
+def node_agent(config_file: Path | None, url: str | None, token: str | None, node_id: str | None,
+               runtimes: tuple[str, ...], ollama_models: Path | None, ollama_alias: bool | None, hf_home: Path | None,
+               hf_cache: Path | None, files_dir: Path | None, state_dir: Path | None,
+               heartbeat_seconds: float | None, log_level: str) -> None:
+    """Run the node agent: take this node's load requests, pull from the cache, install, report."""
+    import signal
+
+    from ..node.agent import Agent, AgentConfig
+
+    logs.configure(LogSettings(level=log_level))
+    config = AgentConfig.load(config_file, {
+        "cache_url": url, "token": token, "node_id": node_id, "runtimes": tuple(runtimes) or None,
+        "ollama_models": ollama_models, "ollama_alias": ollama_alias,
+        "hf_cache": hf_cache or (hf_home / "hub" if hf_home else None), "files_dir": files_dir,
+        "state_dir": state_dir, "heartbeat_seconds": heartbeat_seconds})
+    agent = Agent(config)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.run(stop)
+
+    asyncio.run(go())

@@ -68,12 +68,46 @@ async def update_download(conn: Connection, download_id: uuid.UUID, from_states:
 
 
 async def record_progress(conn: Connection, download_id: uuid.UUID, bytes_done: int, bytes_total: int | None,
-                          rate: int | None) -> bool:
-    """Progress of a running job; False when it is no longer running (cancelled meanwhile)."""
+                          rate: int | None, error: str | None = None) -> bool:
+    """Progress of a running job; False when it is no longer running (cancelled meanwhile).
+
+    ``error``: why the upstream is being asked again, while it is (cleared once it answers).
+    """
     row = await one(conn, """
-        UPDATE model_downloads SET bytes_done = %s, bytes_total = %s, rate_bytes_per_second = %s, updated_at = now()
-         WHERE id = %s AND state = 'running' RETURNING id""", (bytes_done, bytes_total, rate, download_id))
+        UPDATE model_downloads SET bytes_done = %s, bytes_total = %s, rate_bytes_per_second = %s, error = %s,
+               updated_at = now()
+         WHERE id = %s AND state = 'running' RETURNING id""", (bytes_done, bytes_total, rate, error, download_id))
     return row is not None
+
+
+# the same content: the same source and reference, or the same expected sha256
+_TWIN = """(d.source = %(source)s AND d.reference = %(reference)s)
+           OR (d.expected_sha256 IS NOT NULL AND d.expected_sha256 = %(expected)s)"""
+
+
+async def earlier_twin(conn: Connection, row: dict) -> dict | None:
+    """An active job (queued or running) for the same content, requested before ``row``: it goes first."""
+    cur = await conn.execute(f"""
+        SELECT d.id, d.state FROM model_downloads d
+         WHERE d.state IN ('queued', 'running') AND (d.created_at, d.id) < (%(created_at)s, %(id)s)
+           AND ({_TWIN})
+         ORDER BY d.created_at, d.id LIMIT 1""", _twin_params(row))
+    return await cur.fetchone()
+
+
+async def shared_twin(conn: Connection, row: dict) -> dict | None:
+    """A job for the same content that completed after ``row`` was requested: its result is ``row``'s too."""
+    cur = await conn.execute(f"""
+        SELECT d.* FROM model_downloads d
+         WHERE d.state = 'completed' AND d.id <> %(id)s AND d.finished_at >= %(created_at)s AND ({_TWIN})
+           AND (%(expected)s::text IS NULL OR d.sha256 = %(expected)s)
+         ORDER BY d.finished_at DESC LIMIT 1""", _twin_params(row))
+    return await cur.fetchone()
+
+
+def _twin_params(row: dict) -> dict:
+    return {"id": row["id"], "created_at": row["created_at"], "source": row["source"],
+            "reference": row["reference"], "expected": row["expected_sha256"]}
 
 
 async def notify(conn: Connection, download_id: uuid.UUID) -> None:

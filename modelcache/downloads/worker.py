@@ -41,7 +41,8 @@ from .plans import Plan, RemoteFile, resolve
 from .policy import HopPolicy, check_allowed
 from .requests import RESOURCE, label, requester
 from .sources import Source, find_source
-from .transfer import Transfer, UpstreamChanged, open_session
+from .flight import may_start, shared_result
+from .transfer import Transfer, UpstreamChanged, fetch, open_session
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class DownloadWorker:
         self._jobs: dict[uuid.UUID, asyncio.Task] = {}
         self._transfers: dict[uuid.UUID, Transfer] = {}
         self._cancelled: set[uuid.UUID] = set()
+        self._job_sources: dict[uuid.UUID, str] = {}  # the source of each job running here, for its cap
         self._lock: Any = None  # the connection holding this worker's job locks
 
     async def start(self) -> None:
@@ -139,8 +141,12 @@ class DownloadWorker:
     async def _claim(self) -> dict | None:
         async with self.db.transaction() as conn:
             for row in await downloads.claim_candidates(conn):
-                if row["id"] in self._jobs or not await downloads.try_own(self._lock, row["id"]):
-                    continue  # ours already, or another process runs it
+                if row["id"] in self._jobs or not await may_start(conn, self.settings, row,
+                                                                  list(self._job_sources.values())):
+                    continue  # ours already, its source busy, or a twin goes first (flight.py)
+                if not await downloads.try_own(self._lock, row["id"]):
+                    continue  # another process runs it
+                self._job_sources[row["id"]] = row["source"]
                 claimed = await downloads.update_download(
                     conn, row["id"], ("queued", "running"), state="running", attempts=row["attempts"] + 1,
                     error=None, stamp="started")
@@ -167,7 +173,8 @@ class DownloadWorker:
                 if last_bytes is not None and now > last_at:
                     rate = int(max(transfer.offset - last_bytes, 0) / (now - last_at))
                 last_at, last_bytes = now, transfer.offset
-                if not await self._progress(job_id, transfer.offset, transfer.total, rate):
+                if not await self._progress(job_id, transfer.offset, transfer.total, rate,
+                                            getattr(transfer, "retrying", None)):
                     self._cancelled.add(job_id)
                     task.cancel()
             result = task.result()
@@ -195,6 +202,8 @@ class DownloadWorker:
             return
         finally:
             self._transfers.pop(job_id, None)
+            self._job_sources.pop(job_id, None)
+            self._wake.set()  # a job waiting for this one's source or content may start
             await self._disown(job_id)
 
     async def _transfer(self, job: dict) -> Any:
@@ -202,6 +211,9 @@ class DownloadWorker:
         source = find_source(self.settings, job["source"])
         allowed = (await preferences.effective(self.db))["models.download.allowed_sources"]
         check_allowed(source, allowed)  # the policy may have changed since the request
+        shared = await shared_result(self.db, self.store, job)
+        if shared is not None:  # a twin fetched the same content while this job waited (flight.py)
+            return shared
         if source.kind != "http":
             return await self._transfer_artifact(job, source, allowed)
         url = source.url_for(job["reference"])
@@ -209,40 +221,21 @@ class DownloadWorker:
                                   job["model_vendor"], job["artifact_type"], source_uri=url)
         expected = Digest.parse(job["expected_sha256"]) if job["expected_sha256"] else None
         policy = HopPolicy(source, allowed, self.settings.downloads.max_redirects)
-        notes_path = self.store.downloads_dir / f"{job_id}.json"
-        notes = await asyncio.to_thread(_read_notes, notes_path)
-        fresh = False
+
+        async def opened(transfer: Transfer, restarted: bool) -> None:
+            await eviction.admit(self.db, transfer.total or 0)  # refused (507) before the body is read
+            await self._started(job, transfer, resumed=transfer.offset > 0 or job["resumed"] or restarted)
+
         async with open_session(policy, self.settings.downloads) as session:
-            transfer = Transfer(session, policy, url, source.token())
-            for restart in range(MAX_RESTARTS + 1):
-                # reopened each attempt: the bytes a past attempt (or process) left are hashed again
-                temp = await asyncio.to_thread(self.store.resumable, str(job_id), fresh)
-                response = None
-                try:
-                    have = temp.hasher.size
-                    response = await transfer.open(have, notes.get("validator") if have else None)
-                    if transfer.offset != have:
-                        logger.info("download %s: %s sent the whole file instead of the bytes from %d on "
-                                    "(it changed, or ignores ranges); starting over", job_id, url, have)
-                        await asyncio.to_thread(temp.restart)
-                    notes = {"validator": transfer.validator, "total": transfer.total}
-                    await asyncio.to_thread(_write_notes, notes_path, notes)
-                    await self._started(job, transfer, resumed=transfer.offset > 0 or job["resumed"] or restart > 0)
-                    self._transfers[job_id] = transfer
-                    ingested = await ingest_stream(self.db, self.store, req, transfer.chunks(response),
-                                                   expected=expected, total=transfer.total, temp=temp)
-                except UpstreamChanged as exc:
-                    if restart == MAX_RESTARTS:
-                        raise
-                    logger.info("download %s: %s", job_id, exc.detail)
-                    fresh, notes = True, {}
-                    continue
-                finally:
-                    if response is not None:
-                        response.release()  # refused before its body was read (507): let the connection go
-                    temp.close()  # kept on disk unless committed: the next attempt resumes from it
-                return await register(self.db, self.store, req, ingested, requester(job))
-        raise AssertionError("unreachable")
+            transfer = Transfer(session, policy, url, source.token(), settings=self.settings.downloads)
+            self._transfers[job_id] = transfer  # its progress, and why it is retrying, reach the row
+            temp = await fetch(transfer, self.store, str(job_id), on_open=opened)
+        try:
+            ingested = await ingest_stream(self.db, self.store, req, _no_chunks(), expected=expected,
+                                           total=transfer.total, temp=temp)
+        finally:
+            temp.close()  # kept on disk unless committed: the next attempt resumes from it
+        return await register(self.db, self.store, req, ingested, requester(job))
 
     # -- a multi-file artifact (kinds modelcache, huggingface, ollama) ----------
 
@@ -343,10 +336,11 @@ class DownloadWorker:
                                   inspect=True)
         return req, await ingest_path(self.db, self.store, req)
 
-    async def _progress(self, job_id: uuid.UUID, done: int, total: int | None, rate: int | None) -> bool:
+    async def _progress(self, job_id: uuid.UUID, done: int, total: int | None, rate: int | None,
+                        error: str | None = None) -> bool:
         try:
             async with self.db.connection() as conn:
-                return await downloads.record_progress(conn, job_id, done, total, rate)
+                return await downloads.record_progress(conn, job_id, done, total, rate, error)
         except DatabaseUnavailable as exc:
             logger.warning("download %s: progress not recorded: %s", job_id, exc.detail)
             return True
