@@ -157,6 +157,7 @@ class Transfer:
         self.total: int | None = None
         self.validator: str | None = None
         self.ranges = False  # the upstream announced Accept-Ranges: bytes
+        self.ranges_ignored = False  # ...and then answered a part's Range with the whole file, unchanged
         self.end: int | None = None  # the byte after the last one the answer being read should give
         self.part_end: int | None = None  # the same, asked for in the Range of a part
         self.resumes = 0
@@ -388,7 +389,8 @@ async def _fetch_stream(transfer: Transfer, store: BlobStore, name: str, notes_p
 
 def _in_parts(transfer: Transfer) -> bool:
     s = transfer.settings
-    return (s.parallel_parts > 1 and transfer.ranges and transfer.validator is not None
+    return (s.parallel_parts > 1 and transfer.ranges and not transfer.ranges_ignored
+            and transfer.validator is not None
             and transfer.total is not None and transfer.total >= s.part_threshold_bytes)
 
 
@@ -408,12 +410,14 @@ class _Parts:
     """
 
     def __init__(self, transfer: Transfer, store: BlobStore, name: str, notes_path: Path, notes: dict) -> None:
-        assert transfer.total is not None
         self.transfer, self.store, self.name, self.notes_path = transfer, store, name, notes_path
-        self.total: int = transfer.total
-        self.validator: str = notes["validator"]
-        self.size = notes.get("part_bytes") or part_bytes(self.total, transfer.settings.parallel_parts)
-        self.done: set[int] = {start for start, _ in notes.get("parts", [])}  # the offsets of finished parts
+        try:  # from the upstream's answer, or from the sidecar a past attempt left
+            self.total: int = int(notes["total"])
+            self.validator: str = str(notes["validator"])
+            self.size = int(notes.get("part_bytes") or part_bytes(self.total, transfer.settings.parallel_parts))
+            self.done: set[int] = {int(start) for start, _ in notes.get("parts", [])}  # offsets of finished parts
+        except (KeyError, TypeError, ValueError):
+            raise UpstreamChanged(f"{notes_path} is not a download's notes; starting over") from None
         self.path = store.downloads_dir / f"{name}.partial"
         self.hasher = Hasher()
         self.hashed = 0
@@ -520,7 +524,9 @@ class _Parts:
             while at < end:
                 if response is None:
                     response = await part.open(at, self.validator, end=end)
-                    if response.status != 206:  # a 200: the If-Range no longer matched
+                    if response.status != 206:  # a 200: the If-Range no longer matched, or ranges are ignored
+                        if self.validator in (response.headers.get("ETag"), response.headers.get("Last-Modified")):
+                            self.transfer.ranges_ignored = True  # the same version: fetch it as one stream
                         raise UpstreamChanged(f"{_shown(part.url)} changed upstream (If-Range {self.validator} no "
                                               f"longer matches) at byte {at}; starting over")
                 else:

@@ -371,7 +371,7 @@ class DownloadWorker:
         seconds = time.monotonic() - started
         async with self.db.transaction() as conn:
             row = await downloads.update_download(
-                conn, job["id"], ("running",), state="completed", sha256=str(result.digest),
+                conn, job["id"], ("running",), state="completed", sha256=str(result.digest), error=None,
                 artifact_id=result.artifact_id, bytes_done=result.size, bytes_total=result.size,
                 rate_bytes_per_second=int(result.size / seconds) if seconds > 0 else None, stamp="finished")
             if row is not None:
