@@ -80,7 +80,8 @@ class AgentConfig:
         if isinstance(doc.get("runtimes"), (list, tuple)):
             doc["runtimes"] = tuple(doc["runtimes"])
         try:
-            settings = PullSettings(**{k: int(v) for k, v in pull.items() if k in ("parallel_parts", "part_bytes")})
+            settings = PullSettings(**{k: int(v) for k, v in pull.items()
+                                       if k in ("parallel_parts", "part_bytes", "limit_rate")})
             return cls(pull=settings, **doc)
         except TypeError as exc:
             raise ConfigError(f"node config {path}: {exc}") from None
