@@ -95,6 +95,19 @@ class DownloadSettings:
     retry_max_seconds: float = 60.0
 
 
+@dataclass(frozen=True)
+class NodeSettings:
+    # Seconds without a heartbeat (or registration) after which a node is shown stale and never chosen.
+    heartbeat_timeout: float = 90.0
+    # Seconds a load may go without a report from its node before it counts as failed.
+    loading_timeout: float = 600.0
+    # Seconds selection and placements keep away from a node that failed to load a version.
+    failure_backoff: float = 600.0
+    # The pull settings handed to a node when it registers.
+    pull_parallel_parts: int = 4
+    pull_part_bytes: int = 64 << 20
+
+
 SOURCE_KINDS = ("http", "huggingface", "ollama", "modelcache")
 _SOURCE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
@@ -126,6 +139,7 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     syncd: SyncdSettings = field(default_factory=SyncdSettings)
     downloads: DownloadSettings = field(default_factory=DownloadSettings)
+    nodes: NodeSettings = field(default_factory=NodeSettings)
     log: LogSettings = field(default_factory=LogSettings)
     sources: dict[str, SourceSettings] = field(default_factory=dict)
 
@@ -272,6 +286,9 @@ _PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
                   "parallel_parts": _int(1, 16), "max_bytes_per_second": _int(0, 1 << 40),
                   "retries": _int(0, 100), "retry_seconds": _seconds(0.01, 3600),
                   "retry_max_seconds": _seconds(0.01, 86400)},
+    "nodes": {"heartbeat_timeout": _seconds(0.1, 86400), "loading_timeout": _seconds(0.1, 86400),
+              "failure_backoff": _seconds(0, 86400), "pull_parallel_parts": _int(1, 64),
+              "pull_part_bytes": _int(1 << 20, 1 << 34)},
     "log": {"format": _choice("text", "json"), "level": _choice("debug", "info", "warning", "error")},
 }
 
@@ -382,6 +399,7 @@ def _section_class(section: str) -> type:
         "database": DatabaseSettings,
         "syncd": SyncdSettings,
         "downloads": DownloadSettings,
+        "nodes": NodeSettings,
         "log": LogSettings,
     }[section]
 
