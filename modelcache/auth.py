@@ -45,6 +45,7 @@ class Subject:
     type: str  # token, local, syncd, anonymous
     id: str | None
     role: Role | None = None
+    node_id: str | None = None  # the node a node token is bound to
 
     @classmethod
     def local(cls) -> "Subject":

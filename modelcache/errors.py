@@ -14,6 +14,8 @@ class ModelcacheError(Exception):
 
     status = 500
     title = "Internal error"
+    # RFC 9457 extension members a problem+json answer carries besides type, title, status, detail
+    extensions: dict | None = None
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)

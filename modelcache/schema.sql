@@ -93,9 +93,25 @@ CREATE TABLE artifact_files (
 );
 CREATE INDEX artifact_files_blob_digest_idx ON artifact_files (blob_digest);
 
+-- ours: registered nodes (migrations/0005_nodes.sql). token_name is the node token the last
+-- registration minted; last_seen_at the last registration or heartbeat.
+CREATE TABLE nodes (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    name text NOT NULL,
+    labels jsonb NOT NULL DEFAULT '{}'::jsonb,
+    facts jsonb NOT NULL DEFAULT '{}'::jsonb,
+    token_name text,
+    last_seen_at timestamptz,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    updated_by text NOT NULL
+);
+CREATE INDEX nodes_labels_idx ON nodes USING gin (labels);
+
 CREATE TABLE node_model_availability (
     id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    node_id uuid NOT NULL,
+    -- ours: the reference (a deleted node's rows go with it)
+    node_id uuid NOT NULL REFERENCES nodes (id) ON DELETE CASCADE,
     model_version_id uuid NOT NULL REFERENCES model_versions (id),
     status text NOT NULL CHECK (status IN ('available', 'loading', 'failed', 'evicted')),
     last_checked_at timestamptz NOT NULL DEFAULT now(),
@@ -103,6 +119,7 @@ CREATE TABLE node_model_availability (
     CONSTRAINT node_model_availability_node_id_model_version_id_key UNIQUE (node_id, model_version_id)
 );
 CREATE INDEX node_model_availability_node_id_idx ON node_model_availability (node_id);
+CREATE INDEX node_model_availability_model_version_id_idx ON node_model_availability (model_version_id);
 
 -- ours, in CyNodeAI's preference shape; model management uses scope 'system'.
 CREATE TABLE preference_entries (
@@ -197,6 +214,17 @@ CREATE TABLE api_tokens (
     CONSTRAINT api_tokens_name_key UNIQUE (name)
 );
 
+-- ours: which model versions a group of nodes (a label selector) should hold: listed versions,
+-- or the newest promoted version meeting capability requirements.
+CREATE TABLE placements (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    selector jsonb NOT NULL DEFAULT '{}'::jsonb,
+    model_version_ids uuid[] NOT NULL DEFAULT '{}',
+    requirements jsonb,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    created_by text NOT NULL
+);
+
 -- ours: the orchestrator's requests that a node load a model version.
 CREATE TABLE node_load_requests (
     id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -206,9 +234,16 @@ CREATE TABLE node_load_requests (
     requested_by text NOT NULL,
     error text,
     created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now()
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    -- the artifact to pull (chosen for the node's runtimes), the placement that asked
+    artifact_id uuid REFERENCES model_artifacts (id),
+    placement_id uuid REFERENCES placements (id) ON DELETE SET NULL
 );
 CREATE INDEX node_load_requests_node_id_state_idx ON node_load_requests (node_id, state);
+-- at most one open request per node and version
+CREATE UNIQUE INDEX node_load_requests_open_key ON node_load_requests (node_id, model_version_id)
+    WHERE state IN ('pending', 'loading');
+CREATE INDEX node_load_requests_model_version_id_idx ON node_load_requests (model_version_id);
 
 -- Change notifications keep the blob server's in-memory view current
 -- without a query per request. Payloads are blob digests or token ids; blob digests are
@@ -252,3 +287,14 @@ $$;
 
 CREATE TRIGGER api_tokens_notify AFTER INSERT OR UPDATE OR DELETE ON api_tokens
     FOR EACH ROW EXECUTE FUNCTION notify_token_change();
+
+-- A node long-polling for its load requests is woken by this (payload: the node id).
+CREATE FUNCTION notify_load_request() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('modelcache_loads', NEW.node_id::text);
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER node_load_requests_notify AFTER INSERT OR UPDATE OF state ON node_load_requests
+    FOR EACH ROW EXECUTE FUNCTION notify_load_request();

@@ -41,14 +41,21 @@ def parse_node_id(text: str | None) -> uuid.UUID | None:
 async def create_token(db: Database, *, name: str, role: Role, subject: Subject,
                        node_id: uuid.UUID | None = None, expires_in: dt.timedelta | None = None) -> tuple[str, dict]:
     """Mint a token; returns the secret (shown once, never stored) and the stored row."""
+    async with db.transaction() as conn:
+        return await mint(conn, name=name, role=role, subject=subject, node_id=node_id, expires_in=expires_in)
+
+
+async def mint(conn, *, name: str, role: Role, subject: Subject, node_id: uuid.UUID | None = None,
+               expires_in: dt.timedelta | None = None) -> tuple[str, dict]:
+    """:func:`create_token` inside the caller's transaction (node registration mints one with its row)."""
     name = parse_token_name(name)
     secret = new_secret()
     expires_at = dt.datetime.now(dt.timezone.utc) + expires_in if expires_in else None
-    async with db.transaction() as conn:
-        row = await tokens.insert_token(conn, name=name, role=role.value, token_sha256=secret_sha256(secret),
-                                          node_id=node_id, expires_at=expires_at, by=str(subject))
-        await audit.audit(conn, subject, "api_token.create", "api_token", name,
-                             details={"role": role.value, "expires_at": expires_at.isoformat() if expires_at else None})
+    row = await tokens.insert_token(conn, name=name, role=role.value, token_sha256=secret_sha256(secret),
+                                    node_id=node_id, expires_at=expires_at, by=str(subject))
+    await audit.audit(conn, subject, "api_token.create", "api_token", name,
+                      details={"role": role.value, "node_id": str(node_id) if node_id else None,
+                               "expires_at": expires_at.isoformat() if expires_at else None})
     logger.info("token %s created with role %s by %s", name, role.value, subject)
     return secret, row
 

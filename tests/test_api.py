@@ -46,7 +46,10 @@ def _concrete(path: str) -> str:
     return (path.replace("{model_id}", "00000000-0000-0000-0000-000000000000")
             .replace("{version_id}", "00000000-0000-0000-0000-000000000000")
             .replace("{artifact}", "sha256:" + "0" * 64).replace("{key}", "models.cache.max_bytes")
-            .replace("{name}", "someone").replace("{download_id}", "00000000-0000-0000-0000-000000000000"))
+            .replace("{name}", "someone").replace("{download_id}", "00000000-0000-0000-0000-000000000000")
+            .replace("{node_id}", "00000000-0000-0000-0000-000000000000")
+            .replace("{load_id}", "00000000-0000-0000-0000-000000000000")
+            .replace("{placement_id}", "00000000-0000-0000-0000-000000000000"))
 
 
 async def test_node_token_is_denied_every_admin_action_and_each_denial_is_audited(api, make_token, db):

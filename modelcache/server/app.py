@@ -17,9 +17,11 @@ from .blobs import denials
 from .blobs import serve as blobs
 from .hf import routes as hf
 from .oci import routes as oci
-from .v1 import admin, api, downloads, imports, openapi, registry  # noqa: F401 - the API modules declare endpoints
+from .v1 import admin, api, downloads, imports, nodes, openapi, registry  # noqa: F401 - the API modules declare endpoints
 from .catalog import Catalog
-from .keys import CATALOG, DATABASE, METRICS, OPENAPI, SETTINGS, STORE
+from .keys import CATALOG, DATABASE, METRICS, NODE_BELL, OPENAPI, SETTINGS, STORE
+from ..nodes.bell import LoadBell
+from ..nodes.registry import expire_forever
 from .errors import errors_middleware
 from .metrics import Metrics, serve_metrics
 
@@ -40,6 +42,8 @@ def create_app(settings: Settings, db: Database) -> web.Application:
     app.cleanup_ctx.append(_access_log_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_catalog_ctx)
+    app[NODE_BELL] = LoadBell(db)
+    app.cleanup_ctx.append(_nodes_ctx)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", serve_metrics)
@@ -72,6 +76,17 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     if removed:
         logger.info("removed %d leftover temp files from %s", removed, app[STORE].tmp_dir)
     yield
+
+
+async def _nodes_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Wake long-polling nodes (LISTEN), and fail loads whose node went silent (nodes.loading_timeout)."""
+    await app[NODE_BELL].start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(expire_forever(app[DATABASE], app[SETTINGS], stop), name="node-load-timeouts")
+    yield
+    stop.set()
+    await asyncio.gather(task, return_exceptions=True)
+    await app[NODE_BELL].stop()
 
 
 async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:

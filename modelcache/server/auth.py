@@ -58,7 +58,7 @@ def authenticate(request: web.Request, *, basic: bool = False) -> Subject:
         raise Unauthorized("unknown or revoked token")
     if entry.expires_at is not None and entry.expired(dt.datetime.now(dt.timezone.utc)):
         raise Unauthorized(f"token {entry.name} expired at {entry.expires_at.isoformat()}")
-    subject = Subject("token", entry.name, entry.role)
+    subject = Subject("token", entry.name, entry.role, entry.node_id)
     request[SUBJECT] = subject
     return subject
 

@@ -244,6 +244,10 @@ class Catalog:
             await self.refresh(digests)
             await self._tell_followers(digests)
 
+    async def tokens_changed(self) -> None:
+        """Read the tokens now: a token minted or revoked by a request works (or stops) as it answers."""
+        await self._reload_tokens()
+
     async def _reload_tokens(self) -> None:
         async with self._db.connection() as conn:
             rows = await tokens.live_tokens(conn)

@@ -56,8 +56,8 @@ class Renderer:
 
 def problem(request: web.Request, exc: ModelcacheError) -> web.Response:
     """RFC 9457 problem+json, the ``/v1`` form."""
-    body = {"type": "about:blank", "title": exc.title, "status": exc.status, "detail": exc.detail,
-            "instance": request.path}
+    body = {**(exc.extensions or {}), "type": "about:blank", "title": exc.title, "status": exc.status,
+            "detail": exc.detail, "instance": request.path}
     return web.Response(status=exc.status, text=json.dumps(body), content_type=PROBLEM_JSON)
 
 

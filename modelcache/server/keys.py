@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # these modules use the keys themselves
     from .oci.index import OciIndex
     from .metrics import Metrics
     from .blobs.signing import UrlSigner
+    from ..nodes.bell import LoadBell
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
@@ -29,6 +30,7 @@ OPENAPI = web.AppKey("openapi", dict)
 HF_INDEX: web.AppKey[HfIndex] = web.AppKey("hf_index")
 OCI_INDEX: web.AppKey[OciIndex] = web.AppKey("oci_index")
 SIGNER: web.AppKey[UrlSigner] = web.AppKey("url_signer")
+NODE_BELL: web.AppKey[LoadBell] = web.AppKey("node_bell")
 
 # per request, for the access log
 SUBJECT = web.RequestKey("subject", Subject)

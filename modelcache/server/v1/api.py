@@ -85,6 +85,7 @@ class Endpoint:
     status: int = 200
     streamed_body: bool = False  # the handler reads request.content itself
     tags: list[str] = field(default_factory=list)
+    body_optional: bool = False  # no body at all is the body model's defaults
 
 
 ENDPOINTS: list[Endpoint] = []
@@ -92,10 +93,11 @@ ENDPOINTS: list[Endpoint] = []
 
 def endpoint(method: str, path: str, *, summary: str, roles: frozenset[Role], action: str,
              body: type[BaseModel] | None = None, query: type[BaseModel] | None = None, response: Any = None,
-             status: int = 200, streamed_body: bool = False, tag: str = "registry") -> Callable[[Handler], Handler]:
+             status: int = 200, streamed_body: bool = False, tag: str = "registry",
+             body_optional: bool = False) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
         ENDPOINTS.append(Endpoint(method, path, handler, summary, roles, action, body, query, response, status,
-                                  streamed_body, [tag]))
+                                  streamed_body, [tag], body_optional))
         return handler
 
     return register
@@ -123,7 +125,9 @@ def _wrap(ep: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]
             call.query = _parse(ep.query, _query_dict(request), "query parameter")
         elif request.query:
             raise ValidationProblem(f"unknown query parameter {next(iter(request.query))!r}")
-        if ep.body is not None:
+        if ep.body is not None and ep.body_optional and not request.can_read_body:
+            call.body = ep.body()
+        elif ep.body is not None:
             call.body = _parse(ep.body, await _json_body(request), "field")
         result = await ep.handler(call)
         if isinstance(result, web.StreamResponse):

@@ -82,7 +82,7 @@ def _operation(ep: Endpoint, components: dict[str, Any]) -> dict[str, Any]:
             op["parameters"].append({"name": name, "in": "query", "required": name in required,
                                      "schema": _inline(prop, schema), "style": "form", "explode": True})
     if ep.body is not None:
-        op["requestBody"] = {"required": True, "content": {"application/json": {
+        op["requestBody"] = {"required": not ep.body_optional, "content": {"application/json": {
             "schema": _schema_validation(ep.body, components)}}}
     elif ep.streamed_body:
         op["requestBody"] = {"required": True, "content": {"application/octet-stream": {

@@ -1,0 +1,341 @@
+"""Nodes, server side, over real HTTP: registration, availability, long-polled load requests,
+selection, placements, the loading timeout, and eviction while a node loads."""
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+pytestmark = pytest.mark.registry
+
+
+def bearer(secret: str) -> dict:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+def cache(make_settings, start_server, http, make_token):
+    """Start a server for some ``[nodes]`` settings; returns an ``api(method, path, token=admin, ...)``."""
+
+    async def start(**nodes_settings):
+        settings = make_settings(**{f"nodes.{k}": str(v) for k, v in nodes_settings.items()})
+        srv = await start_server(settings)
+        admin = await make_token("admin", name=f"admin-{uuid.uuid4().hex[:6]}")
+
+        async def api(method, path, token=admin, **kw):
+            async with http.request(method, str(srv.make_url(path)), headers=bearer(token) if token else {},
+                                    **kw) as r:
+                body = await r.json(content_type=None) if "json" in r.headers.get("Content-Type", "") else None
+                return r.status, body
+
+        api.admin = admin
+        return api
+
+    return start
+
+
+@pytest.fixture
+def gguf_version(make_file, make_artifact):
+    """Import (and so promote) a small GGUF; returns (artifact id, digest, version id)."""
+
+    async def make(model="llama3", version="8b", vendor="meta"):
+        return await make_artifact(make_file(gguf=True, size=4096), model=model, version=version, vendor=vendor,
+                                   inspect=True)
+
+    return make
+
+
+async def version_of(api, result) -> str:
+    status, body = await api("GET", f"/v1/artifacts/{result.artifact_id}")
+    assert status == 200
+    return body["model_version_id"]
+
+
+async def register(api, name, labels=None, runtimes=("ollama",), **facts):
+    status, body = await api("POST", "/v1/nodes", json={"name": name, "labels": labels or {},
+                                                        "facts": {"runtimes": list(runtimes), **facts}})
+    assert status == 201, body
+    return body
+
+
+async def audit_events(api, **query):
+    status, body = await api("GET", "/v1/audit", params={"limit": "200", **query})
+    assert status == 200
+    return body["events"]
+
+
+async def test_registration_answers_the_config_and_registering_again_revokes_the_old_token(cache, settings):
+    api = await cache()
+    first = await register(api, "gpu-1", {"pool": "gpu"}, gpu_memory_bytes=24 << 30, free_disk_bytes=1 << 40)
+    config, node = first["config"], first["node"]
+    assert config["cache_url"] == settings.public_url and config["node_id"] == node["id"]
+    assert config["pull"] == {"parallel_parts": 4, "part_bytes": 67108864}
+    assert config["token"].startswith("mc_")
+    assert node["status"] == "ready" and node["labels"] == {"pool": "gpu"}
+    assert node["facts"]["runtimes"] == ["ollama"] and node["facts"]["gpu_memory_bytes"] == 24 << 30
+
+    status, beat = await api("POST", f"/v1/nodes/{node['id']}/heartbeat", token=config["token"])
+    assert status == 200 and beat["id"] == node["id"]
+
+    again = await register_with_id(api, node["id"], "gpu-1b")
+    assert again["node"]["name"] == "gpu-1b" and again["config"]["token"] != config["token"]
+    status, _ = await api("POST", f"/v1/nodes/{node['id']}/heartbeat", token=config["token"])
+    assert status == 401  # the first registration's token is revoked
+    status, _ = await api("POST", f"/v1/nodes/{node['id']}/heartbeat", token=again["config"]["token"], json={})
+    assert status == 200
+
+    status, page = await api("GET", "/v1/nodes")
+    assert [n["name"] for n in page["nodes"]] == ["gpu-1b"]
+    events = await audit_events(api, action="node.register")
+    assert [e["outcome"] for e in events] == ["updated", "registered"]
+    assert all(config["token"] not in str(e) for e in events)
+
+    status, gone = await api("DELETE", f"/v1/nodes/{node['id']}")
+    assert status == 200
+    status, _ = await api("POST", f"/v1/nodes/{node['id']}/heartbeat", token=again["config"]["token"])
+    assert status == 401
+    status, _ = await api("GET", f"/v1/nodes/{node['id']}")
+    assert status == 404
+
+
+async def register_with_id(api, node_id, name):
+    status, body = await api("POST", "/v1/nodes", json={"id": node_id, "name": name})
+    assert status == 201, body
+    return body
+
+
+async def test_a_node_token_acts_only_for_its_own_node_and_denials_are_audited(cache, gguf_version):
+    api = await cache()
+    version_id = await version_of(api, await gguf_version())
+    a, b = await register(api, "a"), await register(api, "b")
+    token_a = a["config"]["token"]
+    report = {"model_version_id": version_id, "status": "available", "details": {"runtime": "ollama"}}
+    status, body = await api("POST", f"/v1/nodes/{b['node']['id']}/availability", token=token_a, json=report)
+    assert status == 403 and b["node"]["id"] in body["detail"]
+    status, _ = await api("GET", f"/v1/nodes/{b['node']['id']}/loads", token=token_a)
+    assert status == 403
+    status, _ = await api("POST", "/v1/nodes", token=token_a, json={"name": "sneaky"})
+    assert status == 403
+    status, _ = await api("POST", f"/v1/nodes/{a['node']['id']}/availability", token=token_a, json=report)
+    assert status == 200
+
+    denied = await audit_events(api, decision="deny", subject=f"token:{a['config']['token_name']}")
+    assert sorted(e["action"] for e in denied) == ["node.register", "node_availability.report", "node_load.list"]
+    assert {e["resource"] for e in denied if e["action"] != "node.register"} == {b["node"]["id"]}
+    status, held = await api("GET", f"/v1/nodes/{b['node']['id']}/availability")
+    assert held["availability"] == []
+
+
+async def test_a_silent_node_turns_stale_and_a_heartbeat_brings_it_back(cache):
+    api = await cache(heartbeat_timeout=0.4)
+    node = (await register(api, "n1"))["node"]
+    await asyncio.sleep(0.6)
+    status, body = await api("GET", f"/v1/nodes/{node['id']}")
+    assert body["status"] == "stale"
+    status, body = await api("POST", f"/v1/nodes/{node['id']}/heartbeat",
+                             json={"facts": {"runtimes": ["ollama", "hf"], "free_disk_bytes": 5}})
+    assert status == 200 and body["status"] == "ready" and body["facts"]["runtimes"] == ["ollama", "hf"]
+    events = await audit_events(api, action="node.heartbeat")
+    assert events[0]["outcome"] == "ready" and events[0]["details"]["was_stale"] is True
+
+
+async def test_availability_is_upserted_and_listed_by_node_and_by_version(cache, gguf_version):
+    api = await cache()
+    version_id = await version_of(api, await gguf_version())
+    node = await register(api, "n1")
+    node_id, token = node["node"]["id"], node["config"]["token"]
+    for status_, details in (("loading", {"bytes_done": 10}), ("loading", {"bytes_done": 20}),
+                             ("available", {"runtime": "ollama", "bytes_done": 4096})):
+        status, body = await api("POST", f"/v1/nodes/{node_id}/availability", token=token,
+                                 json={"model_version_id": version_id, "status": status_, "details": details})
+        assert status == 200 and body["status"] == status_
+    status, by_node = await api("GET", f"/v1/nodes/{node_id}/availability")
+    assert [(a["model_version_id"], a["status"], a["model"], a["version"]) for a in by_node["availability"]] == [
+        (version_id, "available", "llama3", "8b")]
+    assert by_node["availability"][0]["details"] == {"runtime": "ollama", "bytes_done": 4096}
+    status, by_version = await api("GET", f"/v1/versions/{version_id}/nodes")
+    assert [a["node_id"] for a in by_version["availability"]] == [node_id]
+    status, detail = await api("GET", f"/v1/nodes/{node_id}")
+    assert detail["available_models"] == 1 and detail["availability"][0]["status"] == "available"
+    # two changes audited (none -> loading, loading -> available); the progress report is not a change
+    events = await audit_events(api, action="node_availability.report")
+    assert [(e["details"]["from"], e["details"]["to"]) for e in events] == [("loading", "available"),
+                                                                           (None, "loading")]
+    status, body = await api("POST", f"/v1/nodes/{node_id}/availability", token=token,
+                             json={"model_version_id": str(uuid.uuid4()), "status": "available"})
+    assert status == 404
+
+
+async def test_a_long_poll_is_answered_the_moment_a_load_is_requested(cache, gguf_version):
+    api = await cache()
+    result = await gguf_version()
+    version_id = await version_of(api, result)
+    node = await register(api, "n1")
+    node_id, token = node["node"]["id"], node["config"]["token"]
+
+    started = time.monotonic()
+    poll = asyncio.create_task(api("GET", f"/v1/nodes/{node_id}/loads?wait=20", token=token))
+    await asyncio.sleep(0.3)
+    assert not poll.done()
+    status, load = await api("POST", f"/v1/nodes/{node_id}/loads", json={"model_version_id": version_id})
+    assert status == 201 and load["state"] == "pending"
+    status, body = await poll
+    waited = time.monotonic() - started
+    assert status == 200 and waited < 1.5, waited  # not the 20 s it could have waited
+    assert [x["id"] for x in body["loads"]] == [load["id"]]
+    assert body["loads"][0]["artifact"] == {"id": str(result.artifact_id), "digest": str(result.digest),
+                                            "size_bytes": result.size, "artifact_type": "gguf"}
+
+    status, again = await api("POST", f"/v1/nodes/{node_id}/loads", json={"model_version_id": version_id})
+    assert again["id"] == load["id"]  # no duplicate while one is open
+    status, acked = await api("POST", f"/v1/nodes/{node_id}/loads/{load['id']}/ack", token=token)
+    assert status == 200 and acked["state"] == "loading"
+    await api("POST", f"/v1/nodes/{node_id}/availability", token=token,
+              json={"model_version_id": version_id, "status": "available"})
+
+    started = time.monotonic()
+    status, body = await api("GET", f"/v1/nodes/{node_id}/loads?wait=1", token=token)
+    assert body == {"loads": []} and 0.9 < time.monotonic() - started < 3
+    actions = [e["action"] for e in await audit_events(api, resource=load["id"])]
+    assert actions == ["node_load.update", "node_load.ack", "node_load.request"]
+
+
+async def test_selection_prefers_the_node_that_has_the_version_unless_told_not_to(cache, gguf_version):
+    api = await cache()
+    result = await gguf_version()
+    version_id = await version_of(api, result)
+    a, b = await register(api, "a-node"), await register(api, "b-node")
+    pick = {"requirements": {"min_context_length": 4096}, "model": "meta/llama3",
+            "nodes": [a["node"]["id"], b["node"]["id"]]}
+
+    status, first = await api("POST", "/v1/select", json=pick)
+    assert status == 200, first
+    assert first["action"] == "load" and first["node"]["name"] == "a-node"  # a tie: fewest models, then name
+    assert first["load_request"]["state"] == "pending" and first["artifact"]["digest"] == str(result.digest)
+    assert first["version"] == {"id": version_id, "model": "llama3", "vendor": "meta", "version": "8b"}
+    assert first["pull"]["curl"].endswith(f"/v1/blobs/{result.digest}")
+    assert first["pull"]["ollama"].endswith("/meta/llama3:8b") and first["pull"]["hf"] is None
+
+    await api("POST", f"/v1/nodes/{a['node']['id']}/availability", token=a["config"]["token"],
+              json={"model_version_id": version_id, "status": "available"})
+    status, second = await api("POST", "/v1/select", json=pick)
+    assert second["action"] == "use" and second["node"]["name"] == "a-node" and second["load_request"] is None
+
+    status, _ = await api("PUT", "/v1/preferences/models.nodes.prefer_local_cache", json={"value": False})
+    assert status == 200
+    status, third = await api("POST", "/v1/select", json=pick)
+    assert third["action"] == "load" and third["node"]["name"] == "b-node"  # fewer models loaded
+    assert any("prefer_local_cache is false" in r for r in third["reasons"])
+    events = await audit_events(api, action="model_version.select")
+    assert [e["outcome"] for e in events] == ["load", "use", "load"]
+
+
+async def test_selection_skips_stale_failed_and_unfit_nodes_and_says_why(cache, gguf_version, db):
+    api = await cache()
+    result = await gguf_version()
+    version_id = await version_of(api, result)
+    await api("PATCH", f"/v1/versions/{version_id}", json={"capabilities": {"gpu_required": True}})
+    stale = await register(api, "stale")
+    failed = await register(api, "failed")
+    small = await register(api, "small-disk", free_disk_bytes=10)
+    wrong = await register(api, "wrong-runtime", runtimes=["mlx"])
+    weak = await register(api, "weak-gpu", gpu_memory_bytes=10)
+    async with db.connection() as conn:
+        await conn.execute("UPDATE nodes SET last_seen_at = now() - interval '1 hour' WHERE id = %s",
+                           (stale["node"]["id"],))
+    await api("POST", f"/v1/nodes/{failed['node']['id']}/availability", token=failed["config"]["token"],
+              json={"model_version_id": version_id, "status": "failed", "details": {"error": "disk full"}})
+
+    status, body = await api("POST", "/v1/select", json={"model": "meta/llama3"})
+    assert status == 409 and body["status"] == 409
+    reasons = "\n".join(body["reasons"])
+    assert "stale" in reasons and "disk full" in reasons and "free disk 10 bytes" in reasons
+    assert "runtimes (mlx)" in reasons and "GPU memory 10 bytes" in reasons
+    for n in (stale, failed, small, wrong, weak):
+        assert n["node"]["id"] in reasons
+
+    status, body = await api("POST", "/v1/select", json={"requirements": {"min_context_length": 10 ** 9}})
+    assert status == 422 and "no model version" in body["detail"]
+
+    good = await register(api, "good", gpu_memory_bytes=80 << 30, free_disk_bytes=1 << 40)
+    status, body = await api("POST", "/v1/select", json={"requirements": {"gpu_required": True}})
+    assert status == 200 and body["node"]["id"] == good["node"]["id"] and body["action"] == "load"
+    events = await audit_events(api, action="model_version.select")
+    assert [e["outcome"] for e in events] == ["load", "no_fit", "no_fit"]
+
+
+async def test_a_placement_warms_matching_nodes_including_one_that_registers_later(cache, gguf_version):
+    api = await cache()
+    version_id = await version_of(api, await gguf_version())
+    a = await register(api, "a", {"pool": "gpu"})
+    b = await register(api, "b", {"pool": "gpu", "zone": "x"})
+    await register(api, "c", {"pool": "cpu"})
+    status, placement = await api("POST", "/v1/placements", json={"selector": {"pool": "gpu"},
+                                                                  "model_version_ids": [version_id]})
+    assert status == 201, placement
+    assert sorted(load["node_id"] for load in placement["load_requests"]) == sorted(
+        [a["node"]["id"], b["node"]["id"]])
+    assert (placement["nodes_matching"], placement["nodes_ready"]) == (2, 0)
+
+    late = await register(api, "late", {"pool": "gpu"})
+    status, loads = await api("GET", f"/v1/nodes/{late['node']['id']}/loads", token=late["config"]["token"])
+    assert [x["model_version_id"] for x in loads["loads"]] == [version_id]
+
+    for n in (a, b, late):
+        await api("POST", f"/v1/nodes/{n['node']['id']}/availability", token=n["config"]["token"],
+                  json={"model_version_id": version_id, "status": "available"})
+    status, listed = await api("GET", "/v1/placements")
+    assert [(p["nodes_matching"], p["nodes_ready"]) for p in listed["placements"]] == [(3, 3)]
+    status, loads = await api("GET", f"/v1/nodes/{late['node']['id']}/loads", token=late["config"]["token"])
+    assert loads["loads"] == []  # the report finished the request
+
+    status, by_requirements = await api("POST", "/v1/placements", json={
+        "selector": {"pool": "cpu"}, "requirements": {"min_context_length": 1024}})
+    assert status == 201 and by_requirements["resolved_version_ids"] == [version_id]
+    assert len(by_requirements["load_requests"]) == 1
+    status, _ = await api("DELETE", f"/v1/placements/{placement['id']}")
+    assert status == 200
+    status, listed = await api("GET", "/v1/placements")
+    assert [p["id"] for p in listed["placements"]] == [by_requirements["id"]]
+
+
+async def test_a_silent_load_fails_after_the_loading_timeout(cache, gguf_version):
+    api = await cache(loading_timeout=0.4)
+    version_id = await version_of(api, await gguf_version())
+    node = await register(api, "n1")
+    node_id, token = node["node"]["id"], node["config"]["token"]
+    status, load = await api("POST", f"/v1/nodes/{node_id}/loads", json={"model_version_id": version_id})
+    await api("POST", f"/v1/nodes/{node_id}/loads/{load['id']}/ack", token=token)
+    await api("POST", f"/v1/nodes/{node_id}/availability", token=token,
+              json={"model_version_id": version_id, "status": "loading", "details": {"bytes_done": 1}})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        status, held = await api("GET", f"/v1/nodes/{node_id}/availability")
+        if held["availability"][0]["status"] == "failed":
+            break
+        await asyncio.sleep(0.1)
+    assert held["availability"][0]["status"] == "failed"
+    assert "loading_timeout" in held["availability"][0]["details"]["error"]
+    status, loads = await api("GET", f"/v1/nodes/{node_id}/loads", token=token)
+    assert loads["loads"] == []
+    assert (await audit_events(api, action="node_load.timeout"))[0]["resource"] == load["id"]
+    assert (await audit_events(api, action="node_availability.timeout"))[0]["resource"] == node_id
+
+
+async def test_an_artifact_a_node_is_loading_is_not_evicted(cache, gguf_version):
+    api = await cache()
+    result = await gguf_version()
+    version_id = await version_of(api, result)
+    node = await register(api, "n1")
+    node_id, token = node["node"]["id"], node["config"]["token"]
+    status, load = await api("POST", f"/v1/nodes/{node_id}/loads", json={"model_version_id": version_id})
+    status, body = await api("POST", f"/v1/artifacts/{result.artifact_id}/evict")
+    assert status == 409 and node_id in body["detail"]
+    await api("POST", f"/v1/nodes/{node_id}/loads/{load['id']}/ack", token=token)
+    status, body = await api("POST", f"/v1/artifacts/{result.artifact_id}/evict")
+    assert status == 409
+    await api("POST", f"/v1/nodes/{node_id}/availability", token=token,
+              json={"model_version_id": version_id, "status": "available"})
+    status, body = await api("POST", f"/v1/artifacts/{result.artifact_id}/evict")
+    assert status == 200 and body["artifact"]["state"] == "evicted"
