@@ -60,8 +60,12 @@ class Client:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             try:
-                detail = json.loads(exc.read()).get("detail", exc.reason)
-            except ValueError:
+                problem = json.loads(exc.read())
+                detail = problem.get("detail", exc.reason)
+                # a problem's reasons (e.g. why selection found no node) belong in the one error line
+                if isinstance(problem.get("reasons"), list) and len(problem["reasons"]) > 1:
+                    detail += " (" + "; ".join(map(str, problem["reasons"][1:])) + ")"
+            except (ValueError, AttributeError):
                 detail = exc.reason
             raise _BY_STATUS.get(exc.code, ModelcacheError)(f"{method} {path}: {exc.code} {detail}") from None
         except urllib.error.URLError as exc:

@@ -30,6 +30,7 @@ def cache(make_settings, start_server, http, make_token):
                 return r.status, body
 
         api.admin = admin
+        api.url = str(srv.make_url("")).rstrip("/")
         return api
 
     return start
@@ -339,3 +340,42 @@ async def test_an_artifact_a_node_is_loading_is_not_evicted(cache, gguf_version)
               json={"model_version_id": version_id, "status": "available"})
     status, body = await api("POST", f"/v1/artifacts/{result.artifact_id}/evict")
     assert status == 200 and body["artifact"]["state"] == "evicted"
+
+
+async def test_the_cli_registers_a_node_writes_its_config_selects_and_places(cache, gguf_version, tmp_path):
+    import json
+    import tomllib
+
+    from conftest import run_cli
+
+    api = await cache()
+    version_id = await version_of(api, await gguf_version())
+    env = {"MODELCACHE_URL": api.url, "MODELCACHE_TOKEN": api.admin}
+
+    async def cli(*args):
+        return await asyncio.to_thread(run_cli, *args, env=env)
+
+    out = tmp_path / "node.toml"
+    done = await cli("node-register", "edge-1", "--label", "pool=edge", "--runtime", "ollama",
+                     "--free-disk-bytes", str(1 << 40), "--config-out", str(out))
+    assert done.returncode == 0, done.stderr
+    config = tomllib.loads(out.read_text())
+    assert config["runtimes"] == ["ollama"] and config["token"].startswith("mc_")
+    assert config["pull"] == {"parallel_parts": 4, "part_bytes": 67108864}
+    assert out.stat().st_mode & 0o077 == 0  # the token is for its owner only
+    status, _ = await api("POST", f"/v1/nodes/{config['node_id']}/heartbeat", token=config["token"])
+    assert status == 200
+
+    done = await cli("nodes")
+    assert done.returncode == 0 and "edge-1" in done.stdout and "pool=edge" in done.stdout
+    done = await cli("select", "--model", "meta/llama3", "--min-context-length", "1024", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["action"] == "load"
+    done = await cli("select", "--min-context-length", str(10 ** 9))
+    assert done.returncode == 2 and "no model version" in done.stderr
+    done = await cli("place", "--selector", "pool=edge", "--version", version_id)
+    assert done.returncode == 0, done.stderr
+    done = await cli("placements", "--json")
+    assert [p["nodes_matching"] for p in json.loads(done.stdout)["placements"]] == [1]
+    done = await cli("load", config["node_id"], version_id, "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["state"] == "pending"

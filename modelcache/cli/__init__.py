@@ -93,4 +93,4 @@ def _progress_bar(desc: str, total: int | None = None) -> Any:
                 disable=None)
 
 
-from . import admin, host, node, processes  # noqa: E402,F401 - each module adds its commands to main
+from . import admin, host, node, nodes, processes  # noqa: E402,F401 - each module adds its commands to main
