@@ -221,7 +221,8 @@ class Transfer:
                 if isinstance(exc.os_error, InternalAddress):
                     raise PolicyRefused("internal_address", str(exc.os_error).split(": ", 1)[1]) from None
                 if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-                    raise UpstreamError(f"cannot reach {_shown(url)}: {exc.os_error}") from None  # asking again won't help
+                    # a certificate will not be right the next time either: no retry
+                    raise UpstreamError(f"cannot reach {_shown(url)}: {exc.os_error}") from None
                 raise _Retryable(f"cannot reach {_shown(url)}: {exc.os_error}") from None
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:  # dropped before the headers
                 raise _Retryable(f"{_shown(url)} did not answer: {exc or type(exc).__name__}") from None
@@ -436,6 +437,7 @@ class _Parts:
                 await on_open(self.transfer, restarted)
         except BaseException:
             first.release()
+            self._close()
             raise
         logger.info("download %s: %d bytes from %s in parts of %d bytes, %d at once", self.name, self.total,
                     _shown(self.transfer.url), self.size, self.transfer.settings.parallel_parts)
@@ -452,7 +454,11 @@ class _Parts:
             raise UpstreamChanged(f"{self.path} is not the {self.total} bytes its notes say; starting over")
         self.transfer.offset = sum(min(self.size, self.total - start) for start in self.done)
         if on_open is not None:
-            await on_open(self.transfer, True)
+            try:
+                await on_open(self.transfer, True)
+            except BaseException:
+                self._close()
+                raise
         logger.info("download %s: resuming in parts, %d of %d parts done", self.name, len(self.done),
                     -(-self.total // self.size))
         return await self._run(None)
