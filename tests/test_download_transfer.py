@@ -307,3 +307,33 @@ async def test_an_upstream_that_stays_down_fails_with_the_last_reason(nginx, mak
     await proxy.stop()
     assert done["state"] == "failed" and "503 Service Unavailable (3 attempts" in done["error"], done
     assert proxy.connections == 3
+
+
+async def test_a_source_runs_at_most_max_concurrent_downloads(nginx, tmp_path, dsn, start_server, worker, db, http,
+                                                              make_token):
+    for i in range(2):
+        put(nginx, f"m{i}.gguf", gguf_bytes(n_floats=MIB // 2 + i))  # 2 MiB each at 8 MiB/s
+    conf = tmp_path / "cap.toml"
+    conf.write_text(f'[sources.slow]\nkind = "http"\nurl = "{nginx.url}slow/"\nmax_concurrent = 1\n\n'
+                    '[downloads]\npoll_seconds = 0.2\n')
+    from modelcache import config
+    settings = config.load(conf, env={}, overrides={"storage.data_dir": str(tmp_path / "data"), "database.dsn": dsn})
+    assert settings.sources["slow"].max_concurrent == 1
+    await allow(db, "slow")
+    server = await start_server(settings)
+    await worker(settings)
+    token = await make_token("operator")
+    ids = [(await request_download(http, server, token, source="slow", reference=f"files/m{i}.gguf",
+                                   model=f"m{i}", version="1"))["id"] for i in range(2)]
+    most = 0
+    deadline = time.monotonic() + 20
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            states = [conn.execute("SELECT state FROM model_downloads WHERE id = %s", (i,)).fetchone()[0]
+                      for i in ids]
+            most = max(most, states.count("running"))
+            if all(s in ENDED for s in states):
+                break
+            assert time.monotonic() < deadline, states
+            await asyncio.sleep(0.02)
+    assert states == ["completed", "completed"] and most == 1
