@@ -15,7 +15,7 @@ from ...auth import Role
 from ...db import audit
 from ...db import nodes as node_rows
 from ...errors import Forbidden, InvalidInput, NotFound
-from ...names import parse_model_name
+from ...names import MODEL_PATTERN, parse_model_name
 from ...nodes import placements, registry, selection
 from ..keys import CATALOG, NODE_BELL, SETTINGS
 from .api import ALL_ROLES, MANAGERS, Call, Query, Strict, endpoint
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 READERS = ALL_ROLES - {Role.NODE}
 SELF = MANAGERS | {Role.NODE}  # managers, and a node token for its own node (checked in the handler)
 
+_NAME = MODEL_PATTERN[1:-1]  # a model or vendor name, unanchored
 UuidText = Annotated[uuid.UUID, StrictField(False)]  # JSON carries a uuid as a string
 NodeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")]
 LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
@@ -181,7 +182,7 @@ class Requirements(Strict):
 
 class SelectIn(Strict):
     requirements: Requirements = Field(default_factory=Requirements)
-    model: str | None = Field(None, max_length=257, description="[vendor/]name")
+    model: str | None = Field(None, pattern=f"^({_NAME}/)?{_NAME}$", description="[vendor/]name")
     version: Version | None = None
     nodes: list[UuidText] | None = Field(None, max_length=1000, description="candidate node ids; all when absent")
 
@@ -465,6 +466,8 @@ async def create_placement(call: Call) -> PlacementCreated:
     b: PlacementIn = call.body
     if (b.model_version_ids is None) == (b.requirements is None):
         raise InvalidInput("give model_version_ids or requirements (one of them)")
+    if b.requirements is not None and not b.requirements.capabilities():
+        raise InvalidInput("requirements name no capability: give at least one, or model_version_ids")
     settings = call.request.app[SETTINGS]
     placement, made = await placements.create(
         call.db, settings, b.selector, list(dict.fromkeys(b.model_version_ids or [])),
@@ -483,7 +486,7 @@ async def list_placements(call: Call) -> PlacementList:
 
 @endpoint("DELETE", "/v1/placements/{placement_id}", summary="Forget a placement (its load requests stay)",
           roles=MANAGERS, action="placement.delete", response=PlacementOut, tag="nodes")
-async def delete_placement(call: Call) -> dict:
+async def delete_placement(call: Call) -> PlacementOut:
     row = await placements.delete(call.db, _uuid(call, "placement_id"), call.subject)
-    return {**row, "requirements": row["requirements"], "resolved_version_ids": [], "nodes_matching": 0,
-            "nodes_ready": 0, "nodes_stale": 0}
+    return placement_out({**row, "resolved_version_ids": [], "nodes_matching": 0, "nodes_ready": 0,
+                          "nodes_stale": 0})
