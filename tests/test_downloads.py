@@ -185,6 +185,7 @@ class CuttingProxy:
             while data := await reader.read(65536):
                 up_writer.write(data)
                 await up_writer.drain()
+            up_writer.close()  # the client hung up: so does nginx, and this handler ends with the test
 
         forward = asyncio.create_task(upstream())
         sent = 0
