@@ -93,6 +93,9 @@ class DownloadSettings:
     retries: int = 5
     retry_seconds: float = 1.0
     retry_max_seconds: float = 60.0
+    # A /v2 or /hf miss that started a pull-through download waits this long for it to complete and then
+    # answers from the cache; past it, the client is told to retry (models.download.pull_through).
+    pull_through_wait_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -285,7 +288,7 @@ _PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
                   "read_timeout": _seconds(1, 86400), "part_threshold_bytes": _int(1 << 20, 1 << 50),
                   "parallel_parts": _int(1, 16), "max_bytes_per_second": _int(0, 1 << 40),
                   "retries": _int(0, 100), "retry_seconds": _seconds(0.01, 3600),
-                  "retry_max_seconds": _seconds(0.01, 86400)},
+                  "retry_max_seconds": _seconds(0.01, 86400), "pull_through_wait_seconds": _seconds(0, 3600)},
     "nodes": {"heartbeat_timeout": _seconds(0.1, 86400), "loading_timeout": _seconds(0.1, 86400),
               "failure_backoff": _seconds(0, 86400), "pull_parallel_parts": _int(1, 64),
               "pull_part_bytes": _int(1 << 20, 1 << 34)},

@@ -54,6 +54,9 @@ KEYS: dict[str, Key] = {
                                            "Source ids or URL prefixes downloads may come from."),
     "models.download.require_user_approval": Key("boolean", True, _boolean,
                                                  "Downloads wait for an admin's approval."),
+    "models.download.pull_through": Key("boolean", False, _boolean,
+                                        "A /v2 or /hf miss asks an allowed source for it: a download request "
+                                        "made by whoever missed."),
     "models.nodes.prefer_local_cache": Key("boolean", True, _boolean,
                                            "Selection prefers nodes that already have the model."),
     "models.import.auto_promote": Key("boolean", True, _boolean,

@@ -21,6 +21,7 @@ from .rows import equal, one, page
 
 CHANNEL = "modelcache_downloads"
 _LOCK_CLASS = 0x646C  # "dl": advisory locks on download jobs, (class, hashtext(id))
+_MISS_LOCK_CLASS = 0x7074  # "pt": transaction locks on a pull-through miss, (class, hashtext(source, reference))
 
 ACTIVE = ("queued", "running")
 FINISHED = ("completed", "failed", "rejected", "cancelled")
@@ -103,6 +104,26 @@ async def shared_twin(conn: Connection, row: dict) -> dict | None:
            AND (%(expected)s::text IS NULL OR d.sha256 = %(expected)s)
          ORDER BY d.finished_at DESC LIMIT 1""", _twin_params(row))
     return await cur.fetchone()
+
+
+async def lock_miss(conn: Connection, source: str, reference: str) -> None:
+    """Serialise pull-through requests for one source and reference until the transaction ends, across
+    processes, so concurrent misses find the one request the first of them made."""
+    await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_MISS_LOCK_CLASS, f"{source} {reference}"))
+
+
+async def miss_twin(conn: Connection, source: str, reference: str, ended_within: float) -> dict | None:
+    """The download a pull-through miss maps to: the newest open one (pending approval, queued or running)
+    for this source and reference, else one that failed, was rejected or cancelled ``ended_within`` seconds
+    ago or less (so a client retrying against a failing upstream is told at once, not queued again)."""
+    return await one(conn, """
+        SELECT * FROM model_downloads
+         WHERE source = %s AND reference = %s
+           AND (state IN ('pending_approval', 'queued', 'running')
+                OR (state IN ('failed', 'rejected', 'cancelled')
+                    AND finished_at > now() - make_interval(secs => %s)))
+         ORDER BY (state IN ('pending_approval', 'queued', 'running')) DESC, created_at DESC LIMIT 1""",
+                     (source, reference, ended_within))
 
 
 def _twin_params(row: dict) -> dict:

@@ -6,6 +6,7 @@
     requests.py  the request's life: ask, approve, reject, cancel; each state change audited and logged
     transfer.py  one HTTP transfer: redirects followed by hand, resumed with Range + If-Range
     worker.py    the jobs a process runs: claimed from PostgreSQL, streamed through the import road
+    pull_through.py  a /v2 or /hf miss made a request (models.download.pull_through), answered once filled
 
 Kinds: ``http`` (one file), ``modelcache``, ``huggingface`` and ``ollama`` (multi-file artifacts, staged
 in ``tmp/downloads/<job>/`` and imported as one).

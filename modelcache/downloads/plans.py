@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 
+from ..config import DownloadSettings
 from ..db.oci import SYNTHESISED_PREFIX
 from ..digest import Digest
 from ..errors import ChecksumError, InvalidInput, NotFound
@@ -88,22 +89,23 @@ class Plan:
 
 
 async def resolve(source: Source, reference: ArtifactRef | HubRef | OllamaRef, session: aiohttp.ClientSession,
-                  policy: HopPolicy, artifact_type: str | None) -> Plan:
+                  policy: HopPolicy, artifact_type: str | None, settings: DownloadSettings | None = None) -> Plan:
+    """``settings``: the process's downloads settings; metadata GETs are asked again as often as files are."""
     if isinstance(reference, ArtifactRef):
-        return await _modelcache(source, reference, session, policy, artifact_type)
+        return await _modelcache(source, reference, session, policy, artifact_type, settings)
     if isinstance(reference, HubRef):
         return await _huggingface(source, reference, policy, artifact_type)
-    return await _ollama(source, reference, session, policy, artifact_type)
+    return await _ollama(source, reference, session, policy, artifact_type, settings)
 
 
 # -- modelcache ----------------------------------------------------------------------------
 
 
 async def _modelcache(source: Source, ref: ArtifactRef, session: aiohttp.ClientSession, policy: HopPolicy,
-                      artifact_type: str | None) -> Plan:
+                      artifact_type: str | None, settings: DownloadSettings | None) -> Plan:
     token = source.token()
     if ref.digest is not None:
-        found = [await _get_json(session, policy, source.url_of(f"v1/artifacts/{ref.digest}"), token)]
+        found = [await _get_json(session, policy, source.url_of(f"v1/artifacts/{ref.digest}"), token, settings)]
     else:
         query = {"model": ref.model, "version": ref.version, "limit": "100"}
         if ref.vendor:
@@ -111,7 +113,7 @@ async def _modelcache(source: Source, ref: ArtifactRef, session: aiohttp.ClientS
         if artifact_type:
             query["type"] = artifact_type
         page = await _get_json(session, policy, source.url_of("v1/artifacts") + "?" + urllib.parse.urlencode(query),
-                               token)
+                               token, settings)
         found = [a for a in page.get("artifacts", []) if a.get("vendor") == ref.vendor]
     found = [a for a in found if a.get("state") in SERVABLE]
     if not found:
@@ -205,7 +207,7 @@ def _model_info(endpoint: str, ref: HubRef, token: str | None) -> Any:
 
 
 async def _ollama(source: Source, ref: OllamaRef, session: aiohttp.ClientSession, policy: HopPolicy,
-                  artifact_type: str | None) -> Plan:
+                  artifact_type: str | None, settings: DownloadSettings | None) -> Plan:
     if artifact_type not in (None, "ollama"):
         raise InvalidInput(f"an ollama source gives ollama artifacts, not {artifact_type}")
     configured = source.token()
@@ -213,12 +215,12 @@ async def _ollama(source: Source, ref: OllamaRef, session: aiohttp.ClientSession
     accept = {"Accept": DOCKER_MANIFEST_V2}  # as Ollama asks: a registry answers the Docker v2 form or 404
     token = configured
     try:
-        raw = await _get(session, policy, url, token, accept, MAX_MANIFEST_BYTES)
+        raw = await _get(session, policy, url, token, accept, MAX_MANIFEST_BYTES, settings)
     except UpstreamError as exc:
         if not (exc.challenge or "").lower().startswith("bearer "):
             raise
-        token = await _registry_token(session, policy, exc.challenge, configured, ref)
-        raw = await _get(session, policy, url, token, accept, MAX_MANIFEST_BYTES)
+        token = await _registry_token(session, policy, exc.challenge, configured, ref, settings)
+        raw = await _get(session, policy, url, token, accept, MAX_MANIFEST_BYTES, settings)
     manifest = Manifest.parse(raw, f"{source.id}:{ref}")
     files = tuple(RemoteFile(f"blobs/sha256-{d.digest.hex}", source.url_of(f"v2/{ref.repository}/blobs/{d.digest}"),
                              d.size, d.digest) for d in manifest.blobs)
@@ -228,7 +230,7 @@ async def _ollama(source: Source, ref: OllamaRef, session: aiohttp.ClientSession
 
 
 async def _registry_token(session: aiohttp.ClientSession, policy: HopPolicy, challenge: str,
-                          configured: str | None, ref: OllamaRef) -> str:
+                          configured: str | None, ref: OllamaRef, settings: DownloadSettings | None) -> str:
     """Docker's token flow: GET the challenge's realm with its service and scope; answers ``{"token": ...}``."""
     params = dict(re.findall(r'(\w+)="([^"]*)"', challenge[len("Bearer "):]))
     realm = params.pop("realm", None)
@@ -237,7 +239,7 @@ async def _registry_token(session: aiohttp.ClientSession, policy: HopPolicy, cha
     params.setdefault("scope", f"repository:{ref.repository}:pull")
     url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(params)
     # the configured token goes to the realm only when it is on the source's own host (Transfer's rule)
-    body = await _get_json(session, policy, url, configured)
+    body = await _get_json(session, policy, url, configured, settings)
     token = body.get("token") or body.get("access_token")
     if not isinstance(token, str) or not token:
         raise UpstreamError(f"the registry's token realm {_shown(realm)} answered no token")
@@ -248,8 +250,8 @@ async def _registry_token(session: aiohttp.ClientSession, policy: HopPolicy, cha
 
 
 async def _get(session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None,
-               headers: dict[str, str] | None, limit: int) -> bytes:
-    transfer = Transfer(session, policy, url, token, headers)
+               headers: dict[str, str] | None, limit: int, settings: DownloadSettings | None) -> bytes:
+    transfer = Transfer(session, policy, url, token, headers, settings=settings)
     response = await transfer.open()
     try:
         if response.content_length is not None and response.content_length > limit:
@@ -266,8 +268,9 @@ async def _get(session: aiohttp.ClientSession, policy: HopPolicy, url: str, toke
         response.release()
 
 
-async def _get_json(session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None) -> dict:
-    raw = await _get(session, policy, url, token, {"Accept": "application/json"}, MAX_METADATA_BYTES)
+async def _get_json(session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None,
+                    settings: DownloadSettings | None) -> dict:
+    raw = await _get(session, policy, url, token, {"Accept": "application/json"}, MAX_METADATA_BYTES, settings)
     try:
         return load_json_object(raw, MAX_METADATA_BYTES)
     except ValueError as exc:

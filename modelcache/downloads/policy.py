@@ -61,6 +61,19 @@ def check_allowed(source: Source, allowed: Iterable[str]) -> None:
                         f"'[\"{source.id}\"]'`")
 
 
+def allowed_in_order(sources: Iterable[Source], allowed: Iterable[str]) -> list[Source]:
+    """The configured ``sources`` the preference allows (the rule of :func:`check_allowed`), in the
+    preference's order: a source id where it stands, the sources under a URL prefix by id."""
+    sources = sorted(sources, key=lambda s: s.id)
+    found: list[Source] = []
+    for entry in allowed:
+        for source in sources:
+            named = source.id == entry or (_is_prefix(entry) and source.base_url.startswith(entry))
+            if named and source not in found:
+                found.append(source)
+    return found
+
+
 def is_internal(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

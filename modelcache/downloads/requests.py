@@ -32,6 +32,10 @@ from .sources import MAX_REFERENCE, find_source
 logger = logging.getLogger(__name__)
 
 RESOURCE = "model_download"
+PULL_THROUGH = "models.download.pull_through"
+# a pull-through download that failed, or was rejected or cancelled, answers the misses of this long
+# after it ended, so clients retrying against a failing upstream are told at once, not queued again
+MISS_REMEMBERED_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -54,15 +58,22 @@ class DownloadRequest:
                    Digest.parse(sha256) if sha256 else None)
 
 
-async def request(db: Database, settings: Settings, req: DownloadRequest, subject: Subject) -> dict:
+async def request(db: Database, settings: Settings, req: DownloadRequest, subject: Subject, *,
+                  pull_through: bool = False) -> dict:
     """Record a request: queued, or pending approval when the policy asks for it. Refusals are audited.
 
-    The reference is read as its source's kind expects (:meth:`~.sources.Source.parse`)."""
+    The reference is read as its source's kind expects (:meth:`~.sources.Source.parse`).
+    ``pull_through``: asked by a ``/v2`` or ``/hf`` miss (``pull_through.py``), which the preference
+    ``models.download.pull_through`` permits; the download already asked for the same source and
+    reference (open, or ended badly in the last ``MISS_REMEMBERED_SECONDS``) is answered instead of a
+    new one, under a lock per source and reference, so concurrent misses make one request."""
     where = f"{req.source}:{req.reference}"
     try:
         source = find_source(settings, req.source)
         source.parse(req.reference)
         prefs = await preferences.effective(db)
+        if pull_through and not prefs[PULL_THROUGH]:
+            raise PolicyRefused(PULL_THROUGH, "pull-through is off: a miss is answered 404 and asks no source")
         check_allowed(source, prefs["models.download.allowed_sources"])
         await eviction.admit(db, 0)  # a cache that is already full under policy 'none' takes nothing
     except ModelcacheError as exc:
@@ -72,15 +83,21 @@ async def request(db: Database, settings: Settings, req: DownloadRequest, subjec
         raise
     state = "pending_approval" if prefs["models.download.require_user_approval"] else "queued"
     async with db.transaction() as conn:
+        if pull_through:
+            await downloads.lock_miss(conn, req.source, req.reference)
+            twin = await downloads.miss_twin(conn, req.source, req.reference, MISS_REMEMBERED_SECONDS)
+            if twin is not None:
+                return twin
         row = await downloads.insert_download(
             conn, source=req.source, reference=req.reference, model_name=req.model, model_vendor=req.vendor,
             version=req.version, artifact_type=req.artifact_type,
             expected_sha256=str(req.expected) if req.expected else None, requested_by=str(subject), state=state)
         await audit.audit(conn, subject, "model_download.request", RESOURCE, str(row["id"]), outcome=state,
-                          details=_details(row))
+                          details={**_details(row), **({"pull_through": True} if pull_through else {})})
         if state == "queued":
             await downloads.notify(conn, row["id"])
-    logger.info("download %s requested by %s: %s as %s, %s", row["id"], subject, where, label(row), state)
+    logger.info("download %s requested by %s%s: %s as %s, %s", row["id"], subject,
+                " (pull-through)" if pull_through else "", where, label(row), state)
     return row
 
 

@@ -249,7 +249,8 @@ class DownloadWorker:
         policy = HopPolicy(source, allowed, self.settings.downloads.max_redirects)
         staging = Staging(self.store, str(job_id))
         async with open_session(policy, self.settings.downloads) as session:
-            plan = await resolve(source, source.parse(job["reference"]), session, policy, job["artifact_type"])
+            plan = await resolve(source, source.parse(job["reference"]), session, policy, job["artifact_type"],
+                                 self.settings.downloads)
             await eviction.admit(self.db, plan.total or 0)  # refused (507) before any byte moves
             verified = await asyncio.to_thread(staging.verified)
             progress = FilesProgress(plan.total)

@@ -294,6 +294,15 @@ class HfIndex:
             raise RepoNotFound(f"model {repo_id} has only staged versions: only admins and operators may read them")
         return found
 
+    def knows(self, repo_id: RepoId, revision: Revision) -> bool:
+        """Whether the registry has a revision of this name in any state (``main``: any revision): a 404
+        for it is not a miss to fetch (pull-through) but the cache's answer (staged, evicted)."""
+        found = self.repos.get(repo_id)
+        if found is None:
+            return False
+        return (revision.text == MAIN and bool(found.revisions)) or any(
+            revision.text in (r.version, r.commit) for r in found.revisions)
+
     # -- loading --------------------------------------------------------------
 
     async def reload(self) -> None:

@@ -35,6 +35,7 @@ from aiohttp import web
 from yarl import URL
 
 from ...auth import Subject
+from ...downloads.pull_through import Miss, serve_miss
 from ...errors import InvalidInput, ModelcacheError
 from ..auth import authenticate
 from ..blobs import denials
@@ -42,8 +43,9 @@ from ..blobs.serve import CACHE_CONTROL, send_blob, servable_blob
 from ..errors import Renderer, header_text, mount
 from ..paging import page_after, parse_count
 from ..urls import public_base
-from .index import MAIN, HfFile, HfFolder, HfIndex, HfNotFound, HfRepo, HfRevision, RepoId, RepoPath, Revision
-from ..keys import CATALOG, DATABASE, DIGEST, HF_INDEX
+from .index import (MAIN, HfFile, HfFolder, HfIndex, HfNotFound, HfRepo, HfRevision, RepoId, RepoNotFound, RepoPath,
+                    RevisionNotFound, Revision)
+from ..keys import CATALOG, DATABASE, DIGEST, HF_INDEX, SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ async def _index_ctx(app: web.Application) -> AsyncIterator[None]:
 async def model_info(request: web.Request) -> web.StreamResponse:
     """What ``repo_info``/``model_info`` read; ``snapshot_download`` needs ``sha`` and ``siblings``."""
     asked = Asked.parse(request)
-    repo, revision = asked.find(request.app[HF_INDEX])
+    repo, revision = await asked.find(request)
     return web.json_response(_model_json(repo, revision))
 
 
@@ -108,7 +110,7 @@ async def tree(request: web.Request) -> web.StreamResponse:
     asked = Asked.parse(request)
     under = RepoPath.parse(request.match_info["path"]) if "path" in request.match_info else None
     query = TreeQuery.parse(request.query)
-    repo, revision = asked.find(request.app[HF_INDEX])
+    repo, revision = await asked.find(request)
     entries = revision.entries(under, query.recursive)
     page, more = page_after(entries, _path, query.after, query.limit)
     headers = {}
@@ -122,7 +124,7 @@ async def resolve(request: web.Request) -> web.StreamResponse:
     """One file's bytes (GET) or headers (HEAD, answered from memory) for ``hf_hub_download``."""
     asked = Asked.parse(request)
     path = RepoPath.parse(request.match_info["path"])
-    repo, revision = asked.find(request.app[HF_INDEX])
+    repo, revision = await asked.find(request)
     file = revision.file(path, repo)
     request[DIGEST] = file.digest
     entry = await servable_blob(request, file.digest, asked.subject)
@@ -152,9 +154,22 @@ class Asked:
         return cls(subject, RepoId.parse(request.match_info.get("vendor"), request.match_info["name"]),
                    Revision.parse(request.match_info.get("revision", MAIN)))
 
-    def find(self, index: HfIndex) -> tuple[HfRepo, HfRevision]:
+    def look_up(self, index: HfIndex) -> tuple[HfRepo, HfRevision]:
         repo = index.repo(self.repo_id, self.subject)
         return repo, repo.resolve(self.revision, self.subject)
+
+    async def find(self, request: web.Request) -> tuple[HfRepo, HfRevision]:
+        """The repo and revision from the index; a miss goes through pull-through (its module says when)."""
+        index = request.app[HF_INDEX]
+        try:
+            return self.look_up(index)
+        except (RepoNotFound, RevisionNotFound) as exc:
+            miss = None if index.knows(self.repo_id, self.revision) else Miss.of_hf(
+                self.repo_id.vendor, self.repo_id.name, self.revision.text)
+            if miss is None:
+                raise
+            return await serve_miss(request.app[DATABASE], request.app[SETTINGS], miss, self.subject,
+                                    lambda: self.look_up(index), exc)
 
 
 # -- query parameters of the tree listing -----------------------------------------

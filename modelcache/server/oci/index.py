@@ -174,6 +174,11 @@ class OciIndex:
             raise NameUnknown(f"no repository {repo}: the model has no Ollama or GGUF artifact you may pull")
         return found
 
+    def knows(self, repo: Repository, tag: str) -> bool:
+        """Whether the registry has an artifact of ``repo:tag`` in any state: a 404 for it is not a miss
+        to fetch (pull-through) but the cache's answer (staged, evicted, no manifest yet)."""
+        return any(a.version == tag for r in self._by_name.get(str(repo), []) for a in r.artifacts)
+
     def repositories(self, subject: Subject) -> list[str]:
         return sorted({r.name for r in self.repos.values()
                        if r.name is not None and any(_visible(a, subject) for a in r.artifacts)})

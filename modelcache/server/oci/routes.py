@@ -51,6 +51,7 @@ from yarl import URL
 
 from ...auth import Subject
 from ...digest import Digest
+from ...downloads.pull_through import Miss, serve_miss
 from ...errors import DatabaseUnavailable, Forbidden, InvalidInput, ModelcacheError, NotFound, Unauthorized
 from ...formats.ollama import OCI_MANIFEST
 from ...manifests import derive_missing
@@ -62,7 +63,7 @@ from ..errors import Renderer, mount
 from ..keys import CATALOG, DATABASE, DIGEST, OCI_INDEX, SETTINGS, SIGNER, STORE
 from ..paging import page_after, parse_count
 from ..urls import public_base
-from .index import ManifestUnknown, OciIndex, Repository, is_tag
+from .index import ManifestUnknown, NameUnknown, OciIndex, Repository, ServedManifest, is_tag
 
 logger = logging.getLogger(__name__)
 
@@ -234,11 +235,24 @@ async def _manifest(request: web.Request, repo: Repository, reference: str) -> w
         if not is_tag(reference):
             raise ManifestUnknown(f"invalid tag {reference[:200]!r}: tags match [a-zA-Z0-9_][a-zA-Z0-9._-]{{0,127}}")
         subject = authenticate(request, basic=True)
-        served = request.app[OCI_INDEX].by_tag(repo, reference, subject, _chooser(request))
+        served = await _by_tag(request, repo, reference, subject)
         request[DIGEST] = served.digest
     headers = {**API_VERSION, "Content-Type": served.media_type, "Docker-Content-Digest": str(served.digest),
                "ETag": f'"{served.digest}"'}
     return web.Response(body=served.data, headers=headers)
+
+
+async def _by_tag(request: web.Request, repo: Repository, tag: str, subject: Subject) -> ServedManifest:
+    """The manifest of ``repo:tag`` from the index; a miss goes through pull-through (its module says when)."""
+    index, choose = request.app[OCI_INDEX], _chooser(request)
+    try:
+        return index.by_tag(repo, tag, subject, choose)
+    except (NameUnknown, ManifestUnknown) as exc:
+        miss = None if index.knows(repo, tag) else Miss.of_v2(repo.namespace, repo.model, tag)
+        if miss is None:
+            raise
+        return await serve_miss(request.app[DATABASE], request.app[SETTINGS], miss, subject,
+                                lambda: index.by_tag(repo, tag, subject, choose), exc)
 
 
 def _chooser(request: web.Request) -> Callable[[list[str]], str | None]:
