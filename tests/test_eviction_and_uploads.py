@@ -70,11 +70,13 @@ async def test_largest_first_skips_artifacts_a_node_is_loading(db, store, make_f
     await set_pref(db, "models.cache.max_bytes", 4 * S)
     big = await make_artifact(make_file(prefix=b"GGUF", size=2 * S), model="big")
     mid = await make_artifact(make_file(prefix=b"GGUF", size=S), model="mid")
+    node = uuid.uuid4()
     async with db.connection() as conn:
+        await conn.execute("INSERT INTO nodes (id, name, updated_by) VALUES (%s, 'gpu-1', 'test')", (node,))
         await conn.execute(
             "INSERT INTO node_model_availability (node_id, model_version_id, status) "
             "SELECT %s, model_version_id, 'loading' FROM model_artifacts WHERE sha256 = %s",
-            (uuid.uuid4(), big.digest.hex))
+            (node, big.digest.hex))
     small = await make_artifact(make_file(prefix=b"GGUF", size=S), model="small")
     assert await state_of(db, big.digest) == "promoted"  # being loaded: never evicted
     assert await state_of(db, mid.digest) == "evicted"
