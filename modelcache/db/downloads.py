@@ -88,19 +88,19 @@ _TWIN = """(d.source = %(source)s AND d.reference = %(reference)s)
 
 async def earlier_twin(conn: Connection, row: dict) -> dict | None:
     """An active job (queued or running) for the same content, requested before ``row``: it goes first."""
-    cur = await conn.execute(f"""
+    cur = await conn.execute("""
         SELECT d.id, d.state FROM model_downloads d
          WHERE d.state IN ('queued', 'running') AND (d.created_at, d.id) < (%(created_at)s, %(id)s)
-           AND ({_TWIN})
+           AND (""" + _TWIN + """)
          ORDER BY d.created_at, d.id LIMIT 1""", _twin_params(row))
     return await cur.fetchone()
 
 
 async def shared_twin(conn: Connection, row: dict) -> dict | None:
     """A job for the same content that completed after ``row`` was requested: its result is ``row``'s too."""
-    cur = await conn.execute(f"""
+    cur = await conn.execute("""
         SELECT d.* FROM model_downloads d
-         WHERE d.state = 'completed' AND d.id <> %(id)s AND d.finished_at >= %(created_at)s AND ({_TWIN})
+         WHERE d.state = 'completed' AND d.id <> %(id)s AND d.finished_at >= %(created_at)s AND (""" + _TWIN + """)
            AND (%(expected)s::text IS NULL OR d.sha256 = %(expected)s)
          ORDER BY d.finished_at DESC LIMIT 1""", _twin_params(row))
     return await cur.fetchone()
