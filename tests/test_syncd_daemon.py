@@ -362,9 +362,15 @@ async def test_a_file_that_changes_while_it_is_hashed_is_imported_as_it_ends_up(
     expected.update(b"appended while it was being hashed")
     assert row["sha256"] == expected.hexdigest()
     assert sorted(e["outcome"] for e in await import_events(db)) == ["created", "failed"]
-    held = {stored(daemon, d[len("sha256:"):]) for _, d, _ in await artifact_files(db, row["id"], made=True)}
-    assert stored(daemon, row["sha256"]) in held
-    assert sorted(p for p in daemon.store.blobs_dir.rglob("*") if p.is_file()) == sorted(held)
+
+    async def every_blob_held() -> bool:
+        """The store holds exactly the artifact's blobs (the /v2 manifests are made right after the
+        import registers: their blobs are committed a moment before their rows)."""
+        held = {stored(daemon, d[len("sha256:"):]) for _, d, _ in await artifact_files(db, row["id"], made=True)}
+        on_disk = {p for p in daemon.store.blobs_dir.rglob("*") if p.is_file()}
+        return stored(daemon, row["sha256"]) in held and on_disk == held
+
+    await eventually(every_blob_held)
     assert os.listdir(daemon.import_dir / ".failed") == []
 
 
