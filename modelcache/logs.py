@@ -8,6 +8,7 @@ import logging
 import re
 import sys
 import time
+from typing import Any, Callable
 
 from .config import LogSettings
 
@@ -21,7 +22,7 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 def printable(text: str) -> str:
     """``text`` with its control characters escaped (``\\n``, ``\\x00``): a value a client chose
     (a path, a file name, a header) cannot end a log line early and forge the next one."""
-    if _CONTROL.search(text) is None:
+    if text.isprintable():  # no control character is printable: the common case, checked cheaply
         return text
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
@@ -52,48 +53,61 @@ class LineBuffer:
 
     The access log runs at thousands of lines a second; ``logging``'s record
     machinery and a write plus flush per line cost ~40 µs a request there
-    (bench/README.md). Lines are flushed every half second by the server, when
-    64 KiB are waiting, and at exit.
+    (bench/README.md). A line is kept as its time and its fields and formatted
+    only when the buffer is flushed: every half second by the server, when
+    :data:`MAX_WAITING` lines are waiting, and at exit.
     """
+
+    MAX_WAITING = 512  # lines; about 100 KiB of access log
 
     def __init__(self, json_lines: bool) -> None:
         self._json = json_lines
-        self._lines: list[str] = []
-        self._size = 0
+        self._waiting: list[tuple[float, str, Callable[[Any], str], Any]] = []  # (time.time(), logger, ...)
         self._second = -1
         self._stamp = ""
 
-    def info(self, name: str, message: str) -> None:
-        now = time.time()
-        if int(now) != self._second:
-            self._second = int(now)
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-        stamp = f"{self._stamp}.{int(now * 1000) % 1000:03d}Z"
-        if self._json:
-            line = json.dumps({"time": stamp, "level": "info", "logger": name, "message": message}) + "\n"
-        else:
-            line = f"{stamp} INFO    {name}: {printable(message)}\n"
-        self._lines.append(line)
-        self._size += len(line)
-        if self._size >= 65536:
+    def defer(self, name: str, render: Callable[[Any], str], fields: Any) -> None:
+        """An INFO line whose message is ``render(fields)``, called when the line is written."""
+        waiting = self._waiting
+        waiting.append((time.time(), name, render, fields))
+        if len(waiting) >= self.MAX_WAITING:
             self.flush()
 
     def flush(self) -> None:
-        if self._lines:
-            lines, self._lines, self._size = self._lines, [], 0
-            sys.stderr.write("".join(lines))
-            sys.stderr.flush()
+        if not self._waiting:
+            return
+        waiting, self._waiting = self._waiting, []
+        messages = [render(fields) for _, _, render, fields in waiting]
+        if self._json or " ".join(messages).isprintable():
+            escape: Callable[[str], str] = str  # (json.dumps escapes) or no message has a control character
+        else:
+            escape = printable
+        lines = []
+        for (now, name, _, _), message in zip(waiting, messages):
+            if int(now) != self._second:
+                self._second = int(now)
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            stamp = f"{self._stamp}.{int(now * 1000) % 1000:03d}Z"
+            if self._json:
+                lines.append(json.dumps({"time": stamp, "level": "info", "logger": name, "message": message}))
+            else:
+                lines.append(f"{stamp} INFO    {name}: {escape(message)}")
+        lines.append("")
+        sys.stderr.write("\n".join(lines))
+        sys.stderr.flush()
 
 
 _buffer: LineBuffer | None = None
 
 
-def fast_info(logger: logging.Logger, message: str) -> None:
-    """Log ``message`` at INFO through the line buffer (when the CLI configured one), else ``logging``."""
+def deferred_info(logger: logging.Logger, render: Callable[[Any], str], fields: Any) -> None:
+    """Log ``render(fields)`` at INFO, formatted when the line buffer is flushed (when the CLI configured
+    one; else at once, through ``logging``). The caller has checked that INFO is enabled: ``fields`` must
+    not change afterwards (a tuple of immutable values)."""
     if _buffer is None:
-        logger.info("%s", message)
-    elif logger.isEnabledFor(logging.INFO):
-        _buffer.info(logger.name, message)
+        logger.info("%s", render(fields))
+    else:
+        _buffer.defer(logger.name, render, fields)
 
 
 def flush() -> None:

@@ -6,26 +6,32 @@ import base64
 import binascii
 import datetime as dt
 import ipaddress
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from ..auth import Subject, secret_sha256
 from ..errors import Unauthorized
+from .catalog import TokenEntry
 from .keys import CATALOG, SETTINGS, SUBJECT
 
-# The sha256 of the secrets seen last: a client sends its secret with every request, and hashing it
-# each time was a measurable part of a HEAD. Bounded, so a flood of made-up secrets only churns it.
-_HASHES_KEPT = 256
-_hashes: dict[str, str] = {}
+# What the Authorization headers seen last resolved to: a client sends the same header with every
+# request, and parsing it, hashing its secret (sha256) and building the subject each time was a
+# measurable part of a HEAD. The token itself is still looked up in the catalog on every request (a
+# revoked or reloaded token is seen at once); only while the catalog holds the very same entry is
+# the subject reused. Bounded, so a flood of made-up secrets only churns it.
+_HEADERS_KEPT = 256
 
 
-def _hash_of(secret: str) -> str:
-    digest = _hashes.get(secret)
-    if digest is None:
-        if len(_hashes) >= _HASHES_KEPT:
-            del _hashes[next(iter(_hashes))]  # the oldest
-        digest = _hashes[secret] = secret_sha256(secret)
-    return digest
+@dataclass(slots=True)
+class _Seen:
+    token_sha256: str
+    basic: bool  # the secret came as HTTP Basic's password (only accepted where ``basic`` is)
+    entry: TokenEntry | None = None  # the catalog's entry the subject was made from
+    subject: Subject | None = None
+
+
+_seen: dict[str, _Seen] = {}
 
 
 def authenticate(request: web.Request, *, basic: bool = False) -> Subject:
@@ -43,24 +49,38 @@ def authenticate(request: web.Request, *, basic: bool = False) -> Subject:
         if basic:
             raise Unauthorized("credentials are required: a token as Bearer or as the password of HTTP Basic auth")
         raise Unauthorized("a Bearer token is required (Authorization: Bearer <token>)")
+    seen = _seen.get(header)
+    if seen is None or (seen.basic and not basic):
+        seen = _parse(header, basic)
+    entry = request.app[CATALOG].token(seen.token_sha256)
+    if entry is None:
+        raise Unauthorized("unknown or revoked token")
+    if entry.expires_at is not None and entry.expired(dt.datetime.now(dt.timezone.utc)):
+        raise Unauthorized(f"token {entry.name} expired at {entry.expires_at.isoformat()}")
+    subject = seen.subject
+    if seen.entry is not entry or subject is None:
+        subject = seen.subject = Subject("token", entry.name, entry.role, entry.node_id)
+        seen.entry = entry
+    request[SUBJECT] = subject
+    return subject
+
+
+def _parse(header: str, basic: bool) -> _Seen:
+    """The secret of an Authorization header, hashed, and remembered for the next request."""
     scheme, _, credentials = header.partition(" ")
     if basic and scheme.lower() == "basic":
-        secret = basic_password(credentials)
+        seen = _Seen(secret_sha256(basic_password(credentials)), basic=True)
     elif scheme.lower() == "bearer" and credentials.strip():
-        secret = credentials.strip()
+        seen = _Seen(secret_sha256(credentials.strip()), basic=False)
     elif basic:
         raise Unauthorized("malformed Authorization header: expected 'Bearer <token>' or "
                            "'Basic <base64 of user:token>'")
     else:
         raise Unauthorized("malformed Authorization header: expected 'Bearer <token>'")
-    entry = request.app[CATALOG].token(_hash_of(secret))
-    if entry is None:
-        raise Unauthorized("unknown or revoked token")
-    if entry.expires_at is not None and entry.expired(dt.datetime.now(dt.timezone.utc)):
-        raise Unauthorized(f"token {entry.name} expired at {entry.expires_at.isoformat()}")
-    subject = Subject("token", entry.name, entry.role, entry.node_id)
-    request[SUBJECT] = subject
-    return subject
+    if len(_seen) >= _HEADERS_KEPT:
+        del _seen[next(iter(_seen))]  # the oldest
+    _seen[header] = seen
+    return seen
 
 
 def basic_password(credentials: str) -> str:

@@ -8,7 +8,9 @@ opens the file, and its bytes go from the page cache to the socket with
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from types import MappingProxyType
 from typing import Mapping
 
 from aiohttp import web
@@ -18,7 +20,8 @@ from ...digest import Digest
 from ...errors import Forbidden, NotFound
 from ..auth import authenticate
 from ..catalog import BlobEntry
-from ..keys import CATALOG, DIGEST, METRICS, RANGE, SENT, STORE
+from ..keys import CATALOG, DIGEST, IN_FLIGHT, METRICS, RANGE, SENT, STORE
+from .inflight import in_flight, send_in_flight
 from .ranges import Unsatisfiable, parse_range
 
 logger = logging.getLogger(__name__)
@@ -41,7 +44,13 @@ def servable(digest: Digest, entry: BlobEntry | None, subject: Subject) -> BlobE
 async def servable_blob(request: web.Request, digest: Digest, subject: Subject) -> BlobEntry:
     """:func:`servable` for the blob routes (/v1, /v2, /hf): the catalog's entry, asked of the registry
     on a miss (:meth:`Catalog.lookup`), so content another process just imported is served too."""
-    return servable(digest, await request.app[CATALOG].lookup(digest), subject)
+    catalog = request.app[CATALOG]
+    entry = catalog.blob(digest)  # a hit (nearly every request) needs no await
+    if entry is None:
+        entry = await catalog.lookup(digest)
+    if entry is None or entry.state == "evicted":
+        entry = in_flight(request, digest) or entry  # still being fetched here: streamed (inflight.py)
+    return servable(digest, entry, subject)
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
@@ -52,6 +61,20 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     return await send_blob(request, digest, entry.size)
 
 
+@functools.lru_cache(maxsize=4096)
+def _blob_headers(digest: Digest, size: int) -> Mapping[str, str]:
+    """The headers of a whole-blob answer, which never change for a digest: built once per blob
+    (a client pulling a blob asks for it again and again, a HEAD before each GET)."""
+    return MappingProxyType({
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{digest}"',
+        "Docker-Content-Digest": str(digest),
+        "Cache-Control": CACHE_CONTROL,
+        "Content-Type": "application/octet-stream",
+        "Content-Length": str(size),
+    })
+
+
 async def send_blob(request: web.Request, digest: Digest, size: int,
                     extra_headers: Mapping[str, str] | None = None) -> web.StreamResponse:
     """Answer a GET or HEAD for a blob the caller may read (shared with the OCI and HF routes).
@@ -59,36 +82,38 @@ async def send_blob(request: web.Request, digest: Digest, size: int,
     ``extra_headers`` go on every answer (200, 206, 304, 416) and may replace the defaults; an
     ``ETag`` given there is the one ``If-None-Match`` and ``If-Range`` are compared with.
     """
-    headers = {
-        "Accept-Ranges": "bytes",
-        "ETag": f'"{digest}"',
-        "Docker-Content-Digest": str(digest),
-        "Cache-Control": CACHE_CONTROL,
-        "Content-Type": "application/octet-stream",
-    }
-    headers.update(extra_headers or {})
+    response = web.StreamResponse(headers=_blob_headers(digest, size))
+    headers = response.headers
+    if extra_headers:
+        headers.update(extra_headers)
     etag = headers["ETag"]
-    if _matches(request.headers.get("If-None-Match"), etag):
+    asked = request.headers
+    if _matches(asked.get("If-None-Match"), etag):
+        del headers["Content-Length"]
         return web.Response(status=304, headers=headers)
     byte_range = None
-    if request.headers.get("If-Range", etag) == etag:
+    range_header = asked.get("Range")
+    if range_header is not None and asked.get("If-Range", etag) == etag:
         try:
-            byte_range = parse_range(request.headers.get("Range"), size)
+            byte_range = parse_range(range_header, size)
         except Unsatisfiable:
+            del headers["Content-Length"]
             headers["Content-Range"] = f"bytes */{size}"
             return web.Response(status=416, headers=headers)
-    if byte_range is not None:
-        headers["Content-Range"] = byte_range.content_range(size)
-        status, offset, count = 206, byte_range.start, byte_range.length
-        request[RANGE] = byte_range
+    if byte_range is None:
+        offset, count = 0, size
     else:
-        status, offset, count = 200, 0, size
-    headers["Content-Length"] = str(count)
-    response = web.StreamResponse(status=status, headers=headers)
+        response.set_status(206)
+        offset, count = byte_range.start, byte_range.length
+        headers["Content-Range"] = byte_range.content_range(size)
+        headers["Content-Length"] = str(count)
+        request[RANGE] = byte_range
     if request.method == "HEAD":
         await response.prepare(request)
         return response
     request.app[CATALOG].record_access(digest)
+    if IN_FLIGHT in request:
+        return await send_in_flight(request, response, request[IN_FLIGHT], offset, count)
     return await _sendfile(request, response, digest, offset, count)
 
 
