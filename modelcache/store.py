@@ -130,6 +130,13 @@ class TempBlob:
         assert self._file is not None
         return os.fstat(self._file.fileno())
 
+    def append(self, data: bytes | memoryview) -> None:
+        """:meth:`write`, then hand the bytes to the OS (not fsynced), so readers of the temp file see
+        them: a download's blob is streamed to clients from its partial file while it arrives."""
+        self.write(data)
+        with _room(self._root, self._writing()):
+            self._file.flush()  # type: ignore[union-attr]
+
     def finish(self) -> None:
         """Flush and fsync; after this the bytes on disk are what was hashed."""
         assert self._file is not None

@@ -5,6 +5,7 @@ in the cache, in any state) on
 
     /v2/<ns>/<model>/manifests/<tag>                  vendor <ns> (none for library), model, version <tag>
     /hf/api/models/<org>/<name>[/revision/<rev>]      vendor <org>, model <name>, version <rev>
+    /hf/api/models/<org>/<name>/refs                  (llama.cpp's -hf starts here)
     /hf/api/models/<org>/<name>/tree/<rev>[/<path>]   (``main`` when none is named: the version is
     /hf/<org>/<name>/resolve/<rev>/<path>              ``main``, what the upstream's main was then)
 
@@ -27,14 +28,16 @@ reference in the registry, so across processes too). Then the miss is answered:
   the download and the upstream's error; rejected or cancelled: a 404 saying so.
 
 Only a miss reads the database here; what is cached is answered from memory as before, whether
-the upstream is up or not. Not done: a blob still being fetched is not streamed to a client as its
-bytes arrive; the client is told to retry until the download has completed.
+the upstream is up or not. While the download runs in this process, ``early`` may answer before it
+completes: a ``/v2`` miss gets the registry's manifest once the plan has it, and the blob GETs that
+follow stream the bytes as they arrive (``inflight.py``). ``/hf/.../refs`` misses like the model info.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -112,11 +115,12 @@ def pick_source(settings: Settings, allowed: list[str], protocol: str) -> Source
 
 
 async def serve_miss(db: Database, settings: Settings, miss: Miss, subject: Subject, lookup: Callable[[], T],
-                     missing: NotFound) -> T:
+                     missing: NotFound, early: Callable[[uuid.UUID], T | None] | None = None) -> T:
     """Answer a miss through a download: ``lookup()`` (the protocol's index, raising NotFound while the
     content is not there) once the download filled the cache, or raise ``missing``'s kind of 404 (or
     :class:`UpstreamFailing`) saying which download and what to do. ``missing`` as it is when pull-through
-    is off or no source fits."""
+    is off or no source fits. ``early(download_id)``: an answer before the download completed (from what
+    this process's running download already knows, ``inflight.py``), or None."""
     try:
         prefs = await preferences.effective(db)
     except DatabaseUnavailable as exc:
@@ -130,11 +134,11 @@ async def serve_miss(db: Database, settings: Settings, miss: Miss, subject: Subj
     req = requests.DownloadRequest.parse(source.id, miss.reference(source.kind), miss.model, miss.version,
                                          miss.vendor)
     row = await requests.request(db, settings, req, subject, pull_through=True)
-    return await _wait(db, settings, miss, row, lookup, missing)
+    return await _wait(db, settings, miss, row, lookup, missing, early)
 
 
 async def _wait(db: Database, settings: Settings, miss: Miss, row: dict, lookup: Callable[[], T],
-                missing: NotFound) -> T:
+                missing: NotFound, early: Callable[[uuid.UUID], T | None] | None) -> T:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.downloads.pull_through_wait_seconds
     completed_at = None
@@ -155,6 +159,8 @@ async def _wait(db: Database, settings: Settings, miss: Miss, row: dict, lookup:
         if state == "running" and row["error"]:
             raise UpstreamFailing(f"{what} is waiting for the upstream, which fails ({row['error']}); "
                                   "retry later")
+        if early is not None and state == "running" and (answer := early(row["id"])) is not None:
+            return answer
         now = loop.time()
         if state == "completed":
             completed_at = completed_at if completed_at is not None else now

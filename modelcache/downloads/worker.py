@@ -42,11 +42,14 @@ from .policy import HopPolicy, check_allowed
 from .requests import RESOURCE, label, requester
 from .sources import Source, find_source
 from .flight import may_start, shared_result
+from .inflight import FLIGHTS, FlightFile, FlightJob
 from .transfer import Transfer, UpstreamChanged, fetch, open_session
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 1.0
+FLUSH_SECONDS = 0.05  # a file in flight is written out at least this often while bytes arrive
+AUTO_PROMOTE = "models.import.auto_promote"
 MAX_RESTARTS = 3  # an upstream that changes under us this often in one attempt fails the job
 
 
@@ -252,21 +255,36 @@ class DownloadWorker:
             plan = await resolve(source, source.parse(job["reference"]), session, policy, job["artifact_type"],
                                  self.settings.downloads)
             await eviction.admit(self.db, plan.total or 0)  # refused (507) before any byte moves
-            verified = await asyncio.to_thread(staging.verified)
-            progress = FilesProgress(plan.total)
-            self._transfers[job_id] = progress  # type: ignore[assignment]
-            await self._started(job, progress, resumed=bool(verified) or job["resumed"])  # type: ignore[arg-type]
-            for index, remote in enumerate(plan.files):
-                if verified.get(remote.path) and (remote.digest is None or verified[remote.path] == str(remote.digest)):
-                    progress.done += remote.size or 0
-                    continue
-                digest = await self._fetch_file(job_id, session, policy, plan, index, staging, progress)
+            promoted = (await preferences.effective(self.db))[AUTO_PROMOTE]  # as register() will make it
+            declared = [(f.digest, f.size) for f in plan.files if f.digest is not None and f.size is not None]
+            with FLIGHTS.job(self.store.root, job_id, declared, promoted,
+                             plan.manifest if plan.layout == "ollama" else None) as flight:
+                return await self._fetch_plan(job, session, policy, plan, staging, flight)
+
+    async def _fetch_plan(self, job: dict, session: Any, policy: HopPolicy, plan: Plan, staging: "Staging",
+                          flight: FlightJob) -> Any:
+        """Each file of the plan verified into the staging folder, then the import and registration (while
+        the plan's files are in flight, so a blob GET streams them: ``inflight.py``)."""
+        job_id = job["id"]
+        verified = await asyncio.to_thread(staging.verified)
+        progress = FilesProgress(plan.total)
+        self._transfers[job_id] = progress  # type: ignore[assignment]
+        await self._started(job, progress, resumed=bool(verified) or job["resumed"])  # type: ignore[arg-type]
+        for index, remote in enumerate(plan.files):
+            if verified.get(remote.path) and (remote.digest is None or verified[remote.path] == str(remote.digest)):
                 progress.done += remote.size or 0
-                progress.current = None
-                verified[remote.path] = str(digest)
-                await asyncio.to_thread(staging.write_verified, verified)
-            logger.info("download %s: %d files of %s:%s verified; importing them as %s", job_id, len(plan.files),
-                        job["source"], job["reference"], label(job))
+                if (done := flight.file(remote.digest)) is not None:  # verified by an earlier attempt
+                    done.started(staging.files / remote.path, done.size)
+                    done.verify()
+                continue
+            digest = await self._fetch_file(job_id, session, policy, plan, index, staging, progress,
+                                            flight.file(remote.digest))
+            progress.done += remote.size or 0
+            progress.current = None
+            verified[remote.path] = str(digest)
+            await asyncio.to_thread(staging.write_verified, verified)
+        logger.info("download %s: %d files of %s:%s verified; importing them as %s", job_id, len(plan.files),
+                    job["source"], job["reference"], label(job))
         req, ingested = await self._ingest_staged(job, plan, staging)
         wanted = [d for d in (plan.digest, Digest.parse(job["expected_sha256"]) if job["expected_sha256"] else None)
                   if d is not None]
@@ -277,9 +295,10 @@ class DownloadWorker:
         return await register(self.db, self.store, req, ingested, requester(job))
 
     async def _fetch_file(self, job_id: uuid.UUID, session: Any, policy: HopPolicy, plan: Plan, index: int,
-                          staging: "Staging", progress: "FilesProgress") -> Digest:
+                          staging: "Staging", progress: "FilesProgress", flight: FlightFile | None) -> Digest:
         """One file of a plan into the staging folder, resumed from its bytes on disk, checked against what
-        the upstream declared; a mismatch keeps nothing of it."""
+        the upstream declared; a mismatch keeps nothing of it. ``flight``: told how far the bytes on disk
+        reach and how the file ended, for the blob GETs streaming it (``inflight.py``)."""
         remote = plan.files[index]
         notes = await asyncio.to_thread(staging.part_notes, index, remote)
         fresh = not notes
@@ -292,24 +311,39 @@ class DownloadWorker:
                 response = await transfer.open(have, notes.get("validator") if have else None)
                 if transfer.offset != have:
                     await asyncio.to_thread(temp.restart)
+                if flight is not None:
+                    flight.started(temp.path, temp.hasher.size)
                 notes = {"url": remote.url, "digest": str(remote.digest), "validator": transfer.validator}
                 await asyncio.to_thread(staging.write_part_notes, index, notes)
                 progress.current = transfer
                 pending = bytearray()
+                flushed = time.monotonic()
                 async for chunk in transfer.chunks(response):
                     pending += chunk
-                    if len(pending) >= CHUNK:
-                        await asyncio.to_thread(temp.write, bytes(pending))
+                    # 1 MiB steps; a slow upstream's bytes reach the disk (and the clients streaming them,
+                    # inflight.py) at least every FLUSH_SECONDS
+                    if len(pending) >= CHUNK or (flight is not None and time.monotonic() - flushed >= FLUSH_SECONDS):
+                        await asyncio.to_thread(temp.append, bytes(pending))
                         pending.clear()
-                await asyncio.to_thread(temp.write, bytes(pending))
+                        flushed = time.monotonic()
+                        if flight is not None:
+                            flight.grew(temp.hasher.size)
+                await asyncio.to_thread(temp.append, bytes(pending))
+                if flight is not None:
+                    flight.grew(temp.hasher.size)
                 await asyncio.to_thread(temp.finish)
                 git_sha1 = await asyncio.to_thread(_git_blob_sha1, temp.path) if remote.git_sha1 else None
                 try:
                     remote.check(temp.hasher.size, temp.hasher.digest, git_sha1)
-                except ChecksumError:
+                except ChecksumError as exc:
+                    if flight is not None:
+                        flight.fail(exc.detail)
                     await asyncio.to_thread(staging.drop_part, index)
                     raise
                 await asyncio.to_thread(staging.keep, index, remote.path)
+                if flight is not None:
+                    flight.moved(staging.files / remote.path)
+                    flight.verify()
                 logger.info("download %s: %s verified (%s, %d bytes)", job_id, remote.path, temp.hasher.digest,
                             temp.hasher.size)
                 return temp.hasher.digest

@@ -92,7 +92,10 @@ async def refs(request: web.Request) -> web.StreamResponse:
     the branch ``main`` (else the first branch), then lists the tree at that commit. Branches are
     the names this subject may resolve; there are no tags, converts or pull requests."""
     asked = Asked.parse(request)
-    repo = request.app[HF_INDEX].repo(asked.repo_id, asked.subject)
+    try:
+        repo = request.app[HF_INDEX].repo(asked.repo_id, asked.subject)
+    except RepoNotFound:
+        repo, _ = await asked.find(request)  # a miss: pull-through of main, as for the model info
     body: dict = {
         "branches": [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": revision.commit}
                      for name, revision in repo.branches(asked.subject)],

@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import logging
+import uuid
 from typing import AsyncIterator, Callable
 
 from aiohttp import web
@@ -51,8 +53,10 @@ from yarl import URL
 
 from ...auth import Subject
 from ...digest import Digest
+from ...downloads.inflight import FLIGHTS
 from ...downloads.pull_through import Miss, serve_miss
 from ...errors import DatabaseUnavailable, Forbidden, InvalidInput, ModelcacheError, NotFound, Unauthorized
+from ...formats import DOCKER_MANIFEST_V2
 from ...formats.ollama import OCI_MANIFEST
 from ...manifests import derive_missing
 from ..auth import authenticate, basic_password, token_subject
@@ -252,7 +256,21 @@ async def _by_tag(request: web.Request, repo: Repository, tag: str, subject: Sub
         if miss is None:
             raise
         return await serve_miss(request.app[DATABASE], request.app[SETTINGS], miss, subject,
-                                lambda: index.by_tag(repo, tag, subject, choose), exc)
+                                lambda: index.by_tag(repo, tag, subject, choose), exc,
+                                early=lambda job_id: _manifest_in_flight(job_id, subject, choose))
+
+
+def _manifest_in_flight(job_id: uuid.UUID, subject: Subject,
+                        choose: Callable[[list[str]], str | None]) -> ServedManifest | None:
+    """The registry's manifest of a download this process is running (an ``ollama`` source's, which the
+    cache will serve byte for byte once imported), so the client goes on to its blobs, which stream while
+    they are fetched (``downloads/inflight.py``). None until the plan is known, or when not for this subject."""
+    job = FLIGHTS.job_of(job_id)
+    if job is None or job.manifest is None or subject.withheld("promoted" if job.promoted else "staged"):
+        return None
+    if choose([DOCKER_MANIFEST_V2]) is None:
+        return None
+    return ServedManifest(DOCKER_MANIFEST_V2, job.manifest, Digest(hashlib.sha256(job.manifest).hexdigest()))
 
 
 def _chooser(request: web.Request) -> Callable[[list[str]], str | None]:
