@@ -128,6 +128,25 @@ async def remove_if_evicted(db: Database, store: BlobStore, digest: Digest) -> b
     return True
 
 
+async def remove_unregistered(db: Database, store: BlobStore, digests: list[Digest]) -> list[Digest]:
+    """Unlink blob files an ingest committed and will not register (a download whose files did not make
+    the artifact declared), each re-checked under its row lock as eviction is: a blob the registry
+    holds (another artifact's, one imported meanwhile) stays; a row-less or evicted one goes now rather
+    than at the next start-up's sweep. (A row-less blob is not locked: an import of the same bytes between
+    its commit and its registration would lose the file, which is why the worker checks the artifact's
+    digest before committing and comes here only when that check could not tell.)"""
+    removed = []
+    for digest in dict.fromkeys(digests):
+        async with db.transaction() as conn:
+            if await blobs.lock_blob_state(conn, str(digest)) not in (None, "evicted"):
+                continue
+            await asyncio.to_thread(store.remove, digest)
+        removed.append(digest)
+        logger.info("removed blob %s: committed by a download whose artifact was refused, held by no artifact",
+                    digest)
+    return removed
+
+
 @dataclass(frozen=True)
 class BlobCheck:
     digest: str

@@ -6,7 +6,8 @@ The whole layout, drawn once::
       blobs/sha256/<hex[:2]>/<hex>   verified, immutable blobs (mode 0444)
       tmp/<random>.partial           in-flight writes, each flock()ed by its writer
       tmp/downloads/<job>.partial    a download's bytes so far, kept across restarts to resume from
-      tmp/downloads/<job>/           a multi-file download's staging folder, kept across restarts alike
+      tmp/downloads/<job>/           a multi-file download's staging folder, kept across restarts alike:
+        parts/<n>.partial            its file n so far (and <n>.json, the notes to resume it from)
       quarantine/<hex>               blobs that failed verification, never served
       import/                        the default import folder (storage.import_dir)
       import/.failed/                files that could not be imported, with a reason file
@@ -29,6 +30,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -58,6 +60,8 @@ class Blob:
 
 
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+# a download's name: its job id, or one file of a multi-file job's staging folder
+_DOWNLOAD_NAME = re.compile(r"[A-Za-z0-9-]+(/parts/[0-9]+)?")
 
 
 @contextmanager
@@ -255,14 +259,21 @@ class BlobStore:
     def temp(self) -> TempBlob:
         return TempBlob(self)
 
+    def partial_path(self, name: str) -> Path:
+        """The partial file of download ``name``: a job id (``<job>.partial``), or file ``n`` of a
+        multi-file job (``<job>/parts/<n>.partial``); its notes are the same path with ``.json``."""
+        if not _DOWNLOAD_NAME.fullmatch(name):
+            raise InvalidInput(f"invalid download name {name!r}")
+        return self.downloads_dir / f"{name}.partial"
+
     def resumable(self, name: str, fresh: bool = False, hashed: Hasher | None = None) -> ResumableTemp:
-        """The partial file of download ``name`` (a job id), reopened to resume (or emptied: ``fresh``).
+        """The partial file of download ``name`` (see :meth:`partial_path`), reopened to resume (or
+        emptied: ``fresh``).
 
         ``hashed``: the whole file was already hashed by its writer; it is not read again."""
-        if not name.replace("-", "").isalnum():
-            raise InvalidInput(f"invalid download name {name!r}")
-        self.downloads_dir.mkdir(parents=True, exist_ok=True)
-        return ResumableTemp(self.downloads_dir / f"{name}.partial", self.root, fresh, hashed)
+        path = self.partial_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return ResumableTemp(path, self.root, fresh, hashed)
 
     def drop_resumable(self, name: str) -> None:
         """Remove download ``name``'s partial file and its notes, or its staging folder (the job ended)."""

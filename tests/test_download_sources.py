@@ -15,17 +15,21 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import psycopg
 import pytest
+from aiohttp import web
 
-from conftest import gguf_bytes
+from conftest import gguf_bytes, safetensors_bytes
 from modelcache import config
 from modelcache.auth import Role, Subject
 from modelcache.db import Database
@@ -51,8 +55,8 @@ def sha256(data: bytes) -> str:
 class Upstream:
     """A second modelcache (its own database and data dir) in a ``modelcache serve`` process."""
 
-    def __init__(self, server: Server, data_dir: Path, token: str, gguf: tuple, snapshot: tuple) -> None:
-        self.server, self.data_dir, self.token = server, data_dir, token
+    def __init__(self, server: Server, data_dir: Path, token: str, gguf: tuple, snapshot: tuple, dsn: str = "") -> None:
+        self.server, self.data_dir, self.token, self.dsn = server, data_dir, token, dsn
         self.gguf_bytes, self.gguf = gguf  # the file's bytes, the ImportResult
         self.snapshot_files, self.snapshot = snapshot
 
@@ -82,7 +86,7 @@ async def upstream(make_database, tmp_path):
     finally:
         await db.close()
     server = await asyncio.to_thread(Server, dsn, data_dir, tmp_path / "central.log")
-    yield Upstream(server, data_dir, token, (content, gguf), (files, snap))
+    yield Upstream(server, data_dir, token, (content, gguf), (files, snap), dsn)
     await asyncio.to_thread(server.stop)
 
 
@@ -205,6 +209,154 @@ async def test_a_central_cache_serving_damaged_bytes_leaves_nothing(
     assert staging_left(settings.data_dir) == []
 
 
+async def test_a_central_cache_declaring_a_wrong_artifact_digest_leaves_nothing(
+        upstream, make_source_settings, start_server, worker, db, dsn, http, make_token, monkeypatch):
+    # every file is what the central cache says it is, but the artifact digest it declares is not the one
+    # those files make: refused before any blob is committed, so nothing is left for the start-up sweep
+    lie = sha256(b"not the manifest")
+    with psycopg.connect(upstream.dsn) as conn:
+        conn.execute("UPDATE model_artifacts SET sha256 = %s WHERE sha256 = %s",
+                     (lie[7:], upstream.snapshot.digest.hex))
+    monkeypatch.setenv(UPSTREAM_TOKEN, upstream.token)
+    settings = make_source_settings({"central": ("modelcache", upstream.url)}, {"central": UPSTREAM_TOKEN})
+    server = await start_server(settings)
+    await worker(settings)
+    await allow(db, "central")
+    admin = await make_token("admin")
+
+    job = await download(http, server, admin, source="central", reference="acme/tiny:1", model="tiny",
+                         vendor="acme", version="1")
+    assert job["state"] == "failed", job
+    assert lie in job["error"] and str(upstream.snapshot.digest) in job["error"], job["error"]
+    assert blob_files(settings.data_dir) == []
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM model_artifacts").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 0
+    assert staging_left(settings.data_dir) == []
+
+
+BLOB_GET = re.compile(r" GET /v1/blobs/(sha256:[0-9a-f]{64}) (\d{3}) .* range=(\S+) bytes=(\d+) ")
+
+
+def blob_gets(log: Path) -> list[tuple[str, int, str, int]]:
+    """The upstream's access-log lines of blob GETs: (digest, status, range, bytes sent)."""
+    return [(m[1], int(m[2]), m[3], int(m[4])) for m in map(BLOB_GET.search, log.read_text().splitlines()) if m]
+
+
+async def test_killing_run_mid_multi_file_download_resumes_from_disk(make_database, tmp_path, dsn, db, make_token,
+                                                                      http):
+    # the central cache holds a snapshot with one large shard; our `modelcache run` fetches it at 8 MiB/s
+    # (downloads.max_bytes_per_second), the shard in 8 MiB parts, two at once, and is killed mid-shard
+    central_dsn = make_database()
+    central = tmp_path / "central"
+    store = BlobStore(central)
+    store.prepare()
+    files = {"config.json": b'{"architectures": ["TinyForCausalLM"]}',
+             "model-00001-of-00002.safetensors": safetensors_bytes({"a": ("F32", [64, 64])}),
+             "model-00002-of-00002.safetensors": safetensors_bytes({"b": ("F32", [10, 1 << 20])})}  # 40 MiB
+    big = sha256(files["model-00002-of-00002.safetensors"])
+    total = sum(len(d) for d in files.values())
+    cdb = Database(central_dsn)
+    await cdb.open()
+    try:
+        snap = await import_path(cdb, store, ImportRequest.parse(write_snapshot(tmp_path / "snap", files), "big",
+                                                                 "1", "acme", "safetensors"), Subject.local())
+        central_token, _ = await create_token(cdb, name="site", role=Role("operator"), subject=Subject.local())
+    finally:
+        await cdb.close()
+    upstream = await asyncio.to_thread(Server, central_dsn, central, tmp_path / "central.log")
+
+    await allow(db, "central")
+    token = await make_token("operator")
+    port = free_port()
+    conf = tmp_path / "run.toml"
+    conf.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\n\n[sources.central]\nkind = "modelcache"\n'
+                    f'url = "http://127.0.0.1:{upstream.port}/"\ntoken_env = "{UPSTREAM_TOKEN}"\n\n'
+                    "[downloads]\npoll_seconds = 0.2\nmax_bytes_per_second = 8388608\n"
+                    "part_threshold_bytes = 4194304\nparallel_parts = 2\n")
+    data = tmp_path / "run-data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCACHE_")}
+    env[UPSTREAM_TOKEN] = central_token
+    log = open(tmp_path / "run.log", "ab")  # noqa: SIM115
+    base = f"http://127.0.0.1:{port}"
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "modelcache", "run", "--config", str(conf), "--dsn", dsn,
+                                 "--data-dir", str(data)], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    async def ready(proc) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()
+            try:
+                async with http.get(f"{base}/readyz") as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()
+            await asyncio.sleep(0.1)
+
+    async def get(download_id) -> dict:
+        async with http.get(f"{base}/v1/downloads/{download_id}", headers=bearer(token)) as r:
+            return await r.json()
+
+    proc = start()
+    try:
+        await ready(proc)
+        async with http.post(f"{base}/v1/downloads", headers=bearer(token), json={
+                "source": "central", "reference": "acme/big:1", "model": "big", "vendor": "acme",
+                "version": "1"}) as r:
+            assert r.status == 202, await r.text()
+            asked = await r.json()
+        deadline = time.monotonic() + 30
+        while (body := await get(asked["id"]))["bytes_done"] < total * 0.6:
+            assert body["state"] in ("queued", "running") and time.monotonic() < deadline, body
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        staging = data / "tmp" / "downloads" / asked["id"]
+        verified = json.loads((staging / "verified.json").read_text())
+        assert set(verified) == {"config.json", "model-00001-of-00002.safetensors"}  # the small files are in
+        notes = [json.loads(n.read_text()) for n in (staging / "parts").glob("*.json")
+                 if not n.name.endswith(".origin.json")]
+        assert len(notes) == 1 and notes[0]["parts"], notes  # the shard in flight: some parts recorded done
+        done_before = {start for start, _ in notes[0]["parts"]}
+        await asyncio.sleep(1.0)  # the upstream writes its access log twice a second
+        before = len(blob_gets(upstream.log))
+
+        proc = start()
+        await ready(proc)
+        deadline = time.monotonic() + 40
+        while (body := await get(asked["id"]))["state"] not in ("completed", "failed", "cancelled", "rejected"):
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        log.close()
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(upstream.stop)
+    assert body["state"] == "completed" and body["digest"] == str(snap.digest), body
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM model_artifacts").fetchone()[0] == 1
+    row, got = artifact_row(dsn, body["digest"])
+    assert got == {p: (sha256(d), len(d)) for p, d in files.items()}
+    assert [p for p in (data / "tmp").rglob("*") if p.is_file()] == []
+
+    gets = blob_gets(upstream.log)
+    after = gets[before:]
+    for path, content in files.items():
+        if sha256(content) != big:  # verified before the kill: never asked for again
+            assert [g for g in gets if g[0] == sha256(content)] == [(sha256(content), 200, "-", len(content))]
+    shard = [g for g in after if g[0] == big]
+    assert shard and all(g[1] == 206 for g in shard), shard  # resumed by range, never the whole file again
+    asked_from = {int(g[2].split("-")[0].removeprefix("bytes=")) for g in shard}
+    assert not asked_from & done_before, (asked_from, done_before)  # parts recorded done are not fetched again
+    assert sum(g[3] for g in gets) < 1.5 * total
+    assert "resuming in parts" in (tmp_path / "run.log").read_text()
+
+
 # -- huggingface -----------------------------------------------------------------------------
 
 
@@ -234,6 +386,49 @@ async def test_a_hub_repository_with_include_patterns(
     assert job["state"] == "completed", job
     _, files = artifact_row(dsn, job["digest"])
     assert sorted(files) == ["config.json", "model-00001-of-00002.safetensors"]
+
+
+async def test_hub_metadata_redirected_off_the_source_is_refused(
+        make_source_settings, start_server, worker, db, http, make_token):
+    # a Hub endpoint whose API redirects: to another host (allowed as a URL prefix, so bytes could come
+    # from it), and to the cloud metadata address; metadata is read from the configured source only
+    other_hits: list[str] = []
+
+    async def other(request: web.Request) -> web.Response:
+        other_hits.append(request.path)
+        return web.json_response({"sha": "0" * 40, "siblings": []})
+
+    other_runner = web.AppRunner(web.Application())
+    other_runner.app.router.add_get("/{tail:.*}", other)
+    await other_runner.setup()
+    other_port = free_port()
+    await web.TCPSite(other_runner, "127.0.0.1", other_port).start()
+
+    async def hub(request: web.Request) -> web.Response:
+        target = (f"http://127.0.0.1:{other_port}" if "/acme/other/" in request.path
+                  else "http://169.254.169.254") + request.path_qs
+        raise web.HTTPFound(target)
+
+    hub_runner = web.AppRunner(web.Application())
+    hub_runner.app.router.add_get("/{tail:.*}", hub)
+    await hub_runner.setup()
+    hub_port = free_port()
+    await web.TCPSite(hub_runner, "127.0.0.1", hub_port).start()
+    try:
+        settings = make_source_settings({"hub": ("huggingface", f"http://127.0.0.1:{hub_port}")})
+        server = await start_server(settings)
+        await worker(settings)
+        await allow(db, "hub", f"http://127.0.0.1:{other_port}/")
+        admin = await make_token("admin")
+        for repo in ("acme/other", "acme/metadata"):
+            job = await download(http, server, admin, source="hub", reference=f"{repo}@main", model="tiny",
+                                 vendor="acme", version=repo.split("/")[1])
+            assert job["state"] == "failed", job
+            assert "download policy redirect" in job["error"] and "metadata is read from" in job["error"], job
+        assert other_hits == []
+    finally:
+        await hub_runner.cleanup()
+        await other_runner.cleanup()
 
 
 # -- ollama ------------------------------------------------------------------------------------

@@ -14,8 +14,12 @@ Per kind:
 - ``modelcache``: ``GET /v1/artifacts/<digest>`` (or ``/v1/artifacts?model=&version=``) for the files,
   their digests and sizes and the artifact's type; bytes from ``/v1/blobs/<digest>``. The artifact's
   digest is declared too, and the one we make must equal it (same files, same paths).
-- ``huggingface``: ``HfApi(endpoint=source URL).model_info(files_metadata=True)`` for the commit and the
-  files (an LFS file's sha256; a small file's size and git blob id only); bytes from
+- ``huggingface``: the Hub's API as ``HfApi.model_info(files_metadata=True)`` reads it,
+  ``{endpoint}/api/models/{repo}/revision/{rev}?blobs=true``, for the commit and the files (an LFS file's
+  sha256; a small file's size and git blob id only), or, when it lists no files (a large repository), the
+  tree ``{endpoint}/api/models/{repo}/tree/{commit}?recursive=true`` page by page; read through the guarded
+  session like every other request (``huggingface_hub``'s own client would ignore ``downloads.ca_bundle``
+  and the hop policy), and never redirected off the source's origin. Bytes from
   ``{endpoint}/{repo}/resolve/{commit}/{path}``, the commit pinned so every file is of one revision.
 - ``ollama``: the manifest from ``/v2/<ns>/<model>/manifests/<tag>`` (Accept: Docker v2 only, as Ollama
   asks), after a registry's Bearer challenge (401 → the realm's token → again); the config and layers by
@@ -26,11 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import aiohttp
 
@@ -48,6 +53,7 @@ from .transfer import Transfer, UpstreamError
 logger = logging.getLogger(__name__)
 
 MAX_METADATA_BYTES = 8 << 20
+MAX_TREE_PAGES = 1000  # of the Hub's tree listing, 1000 entries each
 SERVABLE = ("promoted", "staged")  # what another cache may hand out (staged: to its admins and operators)
 
 
@@ -94,7 +100,7 @@ async def resolve(source: Source, reference: ArtifactRef | HubRef | OllamaRef, s
     if isinstance(reference, ArtifactRef):
         return await _modelcache(source, reference, session, policy, artifact_type, settings)
     if isinstance(reference, HubRef):
-        return await _huggingface(source, reference, policy, artifact_type)
+        return await _huggingface(source, reference, session, policy, artifact_type, settings)
     return await _ollama(source, reference, session, policy, artifact_type, settings)
 
 
@@ -153,54 +159,99 @@ def _file_path(path: Any) -> str:
 # -- huggingface ---------------------------------------------------------------------------
 
 
-async def _huggingface(source: Source, ref: HubRef, policy: HopPolicy, artifact_type: str | None) -> Plan:
+async def _huggingface(source: Source, ref: HubRef, session: aiohttp.ClientSession, policy: HopPolicy,
+                       artifact_type: str | None, settings: DownloadSettings | None) -> Plan:
+    """The Hub's API read through the guarded session (the CA bundle, the proxy, every hop checked, and
+    never a redirect off the source's origin), as ``HfApi.model_info(files_metadata=True)`` reads it."""
     token = source.token()
     endpoint = source.base_url.rstrip("/")
-    policy.check(source.base_url, 0)  # HfApi reads the metadata itself, from the source's own URL only
-    info = await asyncio.to_thread(_model_info, endpoint, ref, token)
-    commit = info.sha
+    api = f"{endpoint}/api/models/{ref.repo}"
+    what = f"{source.id}: {ref.repo}@{ref.revision}"
+    info = await _hub_json(session, policy, f"{api}/revision/{urllib.parse.quote(ref.revision, safe='')}"
+                           "?blobs=true", token, settings, what)
+    commit = info.get("sha")
     if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-f]{40}", commit):
-        raise UpstreamError(f"{source.id}: {ref.repo}@{ref.revision} has no commit id ({commit!r})")
-    files = []
-    for sibling in info.siblings or ():
-        path = sibling.rfilename
-        if any(is_hidden(p) for p in path.split("/")) or not ref.wants(path):
-            continue  # .gitattributes and the like are not part of a folder artifact
-        _file_path(path)
-        lfs = sibling.lfs
-        url = f"{endpoint}/{ref.repo}/resolve/{commit}/" + urllib.parse.quote(path)
-        if lfs is not None:
-            files.append(RemoteFile(path, url, int(lfs.size), Digest.parse(f"sha256:{lfs.sha256}")))
-        else:  # a small file in git: its size and git blob id are all the Hub says
-            files.append(RemoteFile(path, url, sibling.size, None, sibling.blob_id))
+        raise UpstreamError(f"{what} has no commit id ({commit!r})")
+    try:
+        listed = info.get("siblings") or []
+        found = [_HubFile(s["rfilename"], s.get("size"), s.get("blobId"), s.get("lfs")) for s in listed]
+        if not found:  # a repository too large for the info lists its tree instead
+            found = await _hub_tree(session, policy, f"{api}/tree/{commit}?recursive=true&expand=true", token,
+                                    settings, what)
+        files = []
+        for f in found:
+            if any(is_hidden(p) for p in f.path.split("/")) or not ref.wants(f.path):
+                continue  # .gitattributes and the like are not part of a folder artifact
+            _file_path(f.path)
+            url = f"{endpoint}/{ref.repo}/resolve/{commit}/" + urllib.parse.quote(f.path)
+            if f.lfs is not None:  # the model info names the sha256 "sha256", the tree "oid"
+                sha = f.lfs.get("sha256") or f.lfs.get("oid")
+                files.append(RemoteFile(f.path, url, int(f.lfs["size"]), Digest.parse(f"sha256:{sha}")))
+            else:  # a small file in git: its size and git blob id are all the Hub says
+                size = int(f.size) if f.size is not None else None
+                files.append(RemoteFile(f.path, url, size, None, str(f.blob_id) if f.blob_id else None))
+    except (KeyError, TypeError, ValueError, AttributeError, InvalidInput) as exc:
+        raise UpstreamError(f"{what}: the Hub's API answered a file list we cannot read ({exc})") from None
     if not files:
-        raise NotFound(f"{source.id}: {ref} names no files ({len(info.siblings or ())} in the repository"
+        raise NotFound(f"{what} names no files ({len(found)} in the repository"
                        f"{', none matching the include patterns' if ref.include else ''})")
     return Plan("folder", artifact_type or "safetensors", tuple(files),
                 f"{endpoint}/{ref.repo}/tree/{commit}", token)
 
 
-def _model_info(endpoint: str, ref: HubRef, token: str | None) -> Any:
-    """The Hub's model info with each file's metadata (blocking; in a thread). Never the host's saved token."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+@dataclass(frozen=True)
+class _HubFile:
+    path: str
+    size: int | None
+    blob_id: str | None
+    lfs: dict | None
 
+
+async def _hub_tree(session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None,
+                    settings: DownloadSettings | None, what: str) -> list[_HubFile]:
+    """Every file of the tree listing, its pages followed by their ``Link: <...>; rel="next"``."""
+    found: list[_HubFile] = []
+    next_url: str | None = url
+    for _ in range(MAX_TREE_PAGES):
+        if next_url is None:
+            return found
+        raw, headers = await _get_answer(session, policy, next_url, token, {"Accept": "application/json"},
+                                         MAX_METADATA_BYTES, settings, own_origin=True)
+        try:
+            page = json.loads(raw)
+        except ValueError as exc:
+            raise UpstreamError(f"{what}: the tree listing is not JSON: {exc}") from None
+        if not isinstance(page, list):
+            raise UpstreamError(f"{what}: the tree listing is not a list")
+        found += [_HubFile(e["path"], e.get("size"), e.get("oid"), e.get("lfs")) for e in page
+                  if isinstance(e, dict) and e.get("type") == "file"]
+        next_url = _next_link(headers.get("Link", ""), next_url)
+    raise UpstreamError(f"{what}: the tree listing has more than {MAX_TREE_PAGES} pages")
+
+
+def _next_link(header: str, base: str) -> str | None:
+    for part in header.split(","):
+        match = re.fullmatch(r'\s*<([^>]*)>\s*;(.*)', part)
+        if match and re.search(r'rel="?next"?', match.group(2)):
+            return urllib.parse.urljoin(base, match.group(1))
+    return None
+
+
+async def _hub_json(session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None,
+                    settings: DownloadSettings | None, what: str) -> dict:
+    """A JSON object from the Hub's API; its 401 or 404 (a repository or revision it does not know, or
+    will not show to this token) is a NotFound."""
     try:
-        info = HfApi(endpoint=endpoint, token=token or False).model_info(
-            ref.repo, revision=ref.revision, files_metadata=True)
-        if not info.siblings:  # a repository too large for the info lists its tree instead
-            from huggingface_hub.hf_api import RepoSibling
-            tree = HfApi(endpoint=endpoint, token=token or False).list_repo_tree(
-                ref.repo, revision=info.sha, recursive=True, expand=True)
-            info.siblings = [RepoSibling(t.path, t.size, t.blob_id, t.lfs) for t in tree
-                             if getattr(t, "blob_id", None) is not None and hasattr(t, "lfs")]
-        return info
-    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise NotFound(f"{endpoint}: {ref.repo}@{ref.revision}: {str(exc).splitlines()[0]}") from None
-    except HfHubHTTPError as exc:
-        raise UpstreamError(f"{endpoint}: {ref.repo}@{ref.revision}: {str(exc).splitlines()[0]}") from None
-    except OSError as exc:  # httpx's and requests' connection errors are OSErrors underneath, or wrap them
-        raise UpstreamError(f"cannot reach {endpoint}: {exc}") from None
+        raw, _ = await _get_answer(session, policy, url, token, {"Accept": "application/json"},
+                                   MAX_METADATA_BYTES, settings, own_origin=True)
+    except UpstreamError as exc:
+        if exc.upstream_status in (401, 404):
+            raise NotFound(f"{what}: {exc.detail}") from None
+        raise
+    try:
+        return load_json_object(raw, MAX_METADATA_BYTES)
+    except ValueError as exc:
+        raise UpstreamError(f"{_shown(url)} answered something other than a JSON object: {exc}") from None
 
 
 # -- ollama --------------------------------------------------------------------------------
@@ -251,7 +302,14 @@ async def _registry_token(session: aiohttp.ClientSession, policy: HopPolicy, cha
 
 async def _get(session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None,
                headers: dict[str, str] | None, limit: int, settings: DownloadSettings | None) -> bytes:
-    transfer = Transfer(session, policy, url, token, headers, settings=settings)
+    return (await _get_answer(session, policy, url, token, headers, limit, settings))[0]
+
+
+async def _get_answer(session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None,
+                      headers: dict[str, str] | None, limit: int, settings: DownloadSettings | None, *,
+                      own_origin: bool = False) -> tuple[bytes, Mapping[str, str]]:
+    """The body (at most ``limit`` bytes) and headers of a small GET; ``own_origin``: see HopPolicy.check."""
+    transfer = Transfer(session, policy, url, token, headers, settings=settings, own_origin=own_origin)
     response = await transfer.open()
     try:
         if response.content_length is not None and response.content_length > limit:
@@ -261,7 +319,7 @@ async def _get(session: aiohttp.ClientSession, policy: HopPolicy, url: str, toke
             raw += chunk
             if len(raw) > limit:
                 raise UpstreamError(f"{_shown(url)} answered more than {limit} bytes")
-        return bytes(raw)
+        return bytes(raw), response.headers
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise UpstreamError(f"{_shown(url)}: {exc or type(exc).__name__}") from None
     finally:

@@ -5,6 +5,7 @@ Rules, each named in the refusal (audited, and answered as problem+json):
 - ``models.download.allowed_sources``: the source's id, or a URL prefix its base
   URL starts with, must be in the preference;
 - ``redirect``: a hop must be http or https, and at most ``downloads.max_redirects`` are followed;
+  a metadata request (the Hub's API) is not followed off the configured source's own origin;
 - ``internal_address``: a hop whose host is, or resolves to, a loopback,
   link-local (cloud metadata included), private, shared, multicast or reserved
   address is refused, unless the configured source's own URL points at that
@@ -93,14 +94,20 @@ class HopPolicy:
         self.proxy_hosts = {_origin(url)[1] for url in urllib.request.getproxies().values() if "://" in url}
         self._hop_trusted = False  # the verdict on the hop being requested, for the resolver
 
-    def check(self, url: str, hop: int) -> None:
-        """Check one hop's URL before it is requested (a name is checked again when it is resolved)."""
+    def check(self, url: str, hop: int, *, own_origin: bool = False) -> None:
+        """Check one hop's URL before it is requested (a name is checked again when it is resolved).
+
+        ``own_origin``: the hop must stay on the configured source's scheme, host and port (metadata,
+        which a source's own API answers; bytes may be redirected to a CDN, metadata never)."""
         if hop > self.max_redirects:
             raise PolicyRefused("redirect", f"more than {self.max_redirects} redirects (downloads.max_redirects); "
                                 f"the last pointed to {url}")
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise PolicyRefused("redirect", f"hop {hop} goes to {url!r}: only http and https URLs are followed")
+        if own_origin and _origin(url) != _origin(self.source.base_url):
+            raise PolicyRefused("redirect", f"hop {hop} goes to {url}: metadata is read from the configured "
+                                f"source {self.source.base_url} only, never from a host it redirects to")
         self._hop_trusted = self.trusts(url)
         if self._hop_trusted:
             return

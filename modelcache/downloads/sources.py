@@ -16,8 +16,8 @@ model). The references of each kind:
     ollama        a model of an OCI/Ollama registry       [namespace/]model[:tag]
 
 Metadata is read through the same guarded session as the bytes (every hop
-checked by the policy), except the Hub's, which ``huggingface_hub``'s
-``HfApi`` reads from the source's own URL (checked before it is asked).
+checked by the policy, the CA bundle and the proxy honoured); the Hub's API
+is not followed off the source's own origin.
 """
 
 from __future__ import annotations

@@ -71,9 +71,10 @@ class UpstreamError(ModelcacheError):
     status = 502
     title = "Upstream error"
 
-    def __init__(self, detail: str, challenge: str | None = None) -> None:
+    def __init__(self, detail: str, challenge: str | None = None, upstream_status: int | None = None) -> None:
         super().__init__(detail)
         self.challenge = challenge  # a 401's WWW-Authenticate, for a registry's token flow
+        self.upstream_status = upstream_status  # the status the upstream answered, when it answered one
 
 
 class UpstreamChanged(ModelcacheError):
@@ -145,10 +146,11 @@ class Transfer:
 
     def __init__(self, session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None,
                  headers: dict[str, str] | None = None, *, settings: DownloadSettings | None = None,
-                 budget: Budget | None = None) -> None:
+                 budget: Budget | None = None, own_origin: bool = False) -> None:
         self.session = session
         self.headers = headers or {}  # sent on every hop (an Accept, for a registry's manifest)
         self.policy = policy
+        self.own_origin = own_origin  # redirects only within the configured source's origin (metadata)
         self.url = url
         self.token = token
         self.settings = settings or DownloadSettings()
@@ -211,7 +213,7 @@ class Transfer:
         self.part_end = end
         url = self.url
         for hop in range(self.policy.max_redirects + 2):
-            self.policy.check(url, hop)
+            self.policy.check(url, hop, own_origin=self.own_origin)
             sent = dict(headers)
             if self.token and self.policy.trusts(url):  # the token goes to the configured source only
                 sent["Authorization"] = f"Bearer {self.token}"
@@ -260,7 +262,7 @@ class Transfer:
             response.release()
             if response.status == 429 or response.status >= 500:
                 raise _Retryable(f"{_shown(url)} answered {status}", retry_after)
-            raise UpstreamError(f"{_shown(url)} answered {status}", challenge)
+            raise UpstreamError(f"{_shown(url)} answered {status}", challenge, response.status)
         self.offset = 0
         self.total = self.end = length
         self.ranges = response.headers.get("Accept-Ranges", "").strip().lower() == "bytes"
@@ -322,10 +324,16 @@ class Transfer:
 
 
 OnOpen = Callable[[Transfer, bool], Awaitable[None]]
+# told the partial file and how many bytes from its start are on disk (written to the OS, hashed or not),
+# each time that grows; a smaller number than before means the file started over
+OnDisk = Callable[[Path, int], None]
+FLUSH_SECONDS = 0.05  # with an OnDisk, a slow upstream's bytes reach the disk at least this often
 
 
-async def fetch(transfer: Transfer, store: BlobStore, name: str, *, on_open: OnOpen | None = None) -> ResumableTemp:
-    """One file's whole transfer into ``tmp/downloads/<name>.partial``, hashed as it arrives.
+async def fetch(transfer: Transfer, store: BlobStore, name: str, *, on_open: OnOpen | None = None,
+                on_disk: OnDisk | None = None) -> ResumableTemp:
+    """One file's whole transfer into ``tmp/downloads/<name>.partial``, hashed as it arrives (``name``:
+    a job id, or ``<job>/parts/<n>`` for file n of a multi-file job, see :meth:`BlobStore.partial_path`).
 
     Returns the partial file, whole, its hasher holding the digest of every byte (for
     :func:`~modelcache.imports.ingest_stream` with ``temp=``; the caller closes it). Resumes from
@@ -333,15 +341,17 @@ async def fetch(transfer: Transfer, store: BlobStore, name: str, *, on_open: OnO
     download in parts, the parts done). ``on_open(transfer, restarted)`` is awaited once the
     upstream's size is known and before any byte of the body is read: it may refuse (a cache
     that cannot hold it). The file changing upstream starts over, at most ``MAX_RESTARTS`` times.
+    ``on_disk(path, size)``: see :data:`OnDisk` (a blob GET streams a file still being fetched from it).
     """
-    notes_path = store.downloads_dir / f"{name}.json"
+    notes_path = store.partial_path(name).with_suffix(".json")
     notes = await asyncio.to_thread(_read_notes, notes_path)
     fresh = False
     for restart in range(MAX_RESTARTS + 1):
         try:
             if not fresh and notes.get("parts") is not None:
-                return await _Parts(transfer, store, name, notes_path, notes).resume(on_open, restart > 0)
-            return await _fetch_stream(transfer, store, name, notes_path, notes, fresh, on_open, restart > 0)
+                return await _Parts(transfer, store, name, notes_path, notes, on_disk).resume(on_open, restart > 0)
+            return await _fetch_stream(transfer, store, name, notes_path, notes, fresh, on_open, restart > 0,
+                                       on_disk)
         except UpstreamChanged as exc:
             if restart == MAX_RESTARTS:
                 raise
@@ -351,7 +361,8 @@ async def fetch(transfer: Transfer, store: BlobStore, name: str, *, on_open: OnO
 
 
 async def _fetch_stream(transfer: Transfer, store: BlobStore, name: str, notes_path: Path, notes: dict,
-                        fresh: bool, on_open: OnOpen | None, restarted: bool) -> ResumableTemp:
+                        fresh: bool, on_open: OnOpen | None, restarted: bool,
+                        on_disk: OnDisk | None = None) -> ResumableTemp:
     """One stream appended to the partial file; switches to parts when the answer allows them."""
     # reopened each attempt: the bytes a past attempt (or process) left are hashed again
     temp = await asyncio.to_thread(store.resumable, name, fresh)
@@ -366,19 +377,29 @@ async def _fetch_stream(transfer: Transfer, store: BlobStore, name: str, notes_p
         notes = {"validator": transfer.validator, "total": transfer.total}
         if transfer.offset == 0 and _in_parts(transfer):
             temp.close()
-            parts = _Parts(transfer, store, name, notes_path, {**notes, "parts": []})
+            parts = _Parts(transfer, store, name, notes_path, {**notes, "parts": []}, on_disk)
             first, response = response, None
             return await parts.start(first, on_open, restarted)
         await asyncio.to_thread(_write_notes, notes_path, notes)
         if on_open is not None:
             await on_open(transfer, restarted)
+        if on_disk is not None:
+            on_disk(temp.path, temp.hasher.size)
         pending = bytearray()
+        flushed = time.monotonic()
         async for chunk in transfer.chunks(response):
             pending += chunk
-            if len(pending) >= CHUNK:  # hash and write in 1 MiB steps, off the event loop
-                await asyncio.to_thread(temp.write, bytes(pending))
+            # hash and write in 1 MiB steps, off the event loop; with on_disk, a slow upstream's
+            # bytes are handed to the OS at least every FLUSH_SECONDS for the readers streaming them
+            if len(pending) >= CHUNK or (on_disk is not None and time.monotonic() - flushed >= FLUSH_SECONDS):
+                await asyncio.to_thread(temp.write if on_disk is None else temp.append, bytes(pending))
                 pending.clear()
-        await asyncio.to_thread(temp.write, bytes(pending))
+                flushed = time.monotonic()
+                if on_disk is not None:
+                    on_disk(temp.path, temp.hasher.size)
+        await asyncio.to_thread(temp.write if on_disk is None else temp.append, bytes(pending))
+        if on_disk is not None:
+            on_disk(temp.path, temp.hasher.size)
         return temp
     except BaseException:
         temp.close()  # kept on disk: the next attempt resumes from it
@@ -410,8 +431,10 @@ class _Parts:
     at most once a second, after an fdatasync.
     """
 
-    def __init__(self, transfer: Transfer, store: BlobStore, name: str, notes_path: Path, notes: dict) -> None:
+    def __init__(self, transfer: Transfer, store: BlobStore, name: str, notes_path: Path, notes: dict,
+                 on_disk: OnDisk | None = None) -> None:
         self.transfer, self.store, self.name, self.notes_path = transfer, store, name, notes_path
+        self.on_disk = on_disk  # told the hashed prefix: contiguous, and on disk (pwrite)
         try:  # from the upstream's answer, or from the sidecar a past attempt left
             self.total: int = int(notes["total"])
             self.validator: str = str(notes["validator"])
@@ -419,7 +442,7 @@ class _Parts:
             self.done: set[int] = {int(start) for start, _ in notes.get("parts", [])}  # offsets of finished parts
         except (KeyError, TypeError, ValueError):
             raise UpstreamChanged(f"{notes_path} is not a download's notes; starting over") from None
-        self.path = store.downloads_dir / f"{name}.partial"
+        self.path = store.partial_path(name)
         self.hasher = Hasher()
         self.hashed = 0
         self._fd = -1
@@ -432,6 +455,8 @@ class _Parts:
         """A fresh download in parts: ``first`` (the whole file's 200) gives the first part's bytes."""
         try:
             await asyncio.to_thread(self._open_file, True)
+            if self.on_disk is not None:
+                self.on_disk(self.path, 0)
             await self._note(force=True)
             if on_open is not None:
                 await on_open(self.transfer, restarted)
@@ -453,6 +478,8 @@ class _Parts:
         if not ok:
             raise UpstreamChanged(f"{self.path} is not the {self.total} bytes its notes say; starting over")
         self.transfer.offset = sum(min(self.size, self.total - start) for start in self.done)
+        if self.on_disk is not None:
+            self.on_disk(self.path, 0)  # its recorded parts are hashed again from byte 0, then handed on
         if on_open is not None:
             try:
                 await on_open(self.transfer, True)
@@ -572,6 +599,8 @@ class _Parts:
             prefix = self._prefix()
             if prefix > self.hashed:
                 await self._thread(self._hash_to, prefix)
+                if self.on_disk is not None:
+                    self.on_disk(self.path, self.hashed)
 
     async def _thread(self, fn, *args):
         """``fn`` in a thread; the call is remembered until it ends, even if its caller is cancelled."""

@@ -29,28 +29,29 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .. import eviction, preferences
+from ..artifacts import remove_unregistered
 from ..config import Settings
 from ..db import Database, audit, downloads
 from ..digest import Digest
 from ..errors import ChecksumError, DatabaseUnavailable, ModelcacheError
 from ..formats.ollama import DEFAULT_NAMESPACE, ModelName, ModelsDir
 from ..hashing import CHUNK
+from ..formats import folder_files
 from ..imports import ImportRequest, Ingested, ingest_ollama, ingest_path, ingest_stream, register
-from ..store import BlobStore, ResumableTemp
+from ..imports.ingest import folder_manifest
+from ..store import BlobStore
 from .plans import Plan, RemoteFile, resolve
 from .policy import HopPolicy, check_allowed
 from .requests import RESOURCE, label, requester
 from .sources import Source, find_source
 from .flight import may_start, shared_result
 from .inflight import FLIGHTS, FlightFile, FlightJob
-from .transfer import Transfer, UpstreamChanged, fetch, open_session
+from .transfer import Transfer, fetch, open_session
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 1.0
-FLUSH_SECONDS = 0.05  # a file in flight is written out at least this often while bytes arrive
 AUTO_PROMOTE = "models.import.auto_promote"
-MAX_RESTARTS = 3  # an upstream that changes under us this often in one attempt fails the job
 
 
 class DownloadWorker:
@@ -285,13 +286,23 @@ class DownloadWorker:
             await asyncio.to_thread(staging.write_verified, verified)
         logger.info("download %s: %d files of %s:%s verified; importing them as %s", job_id, len(plan.files),
                     job["source"], job["reference"], label(job))
-        req, ingested = await self._ingest_staged(job, plan, staging)
         wanted = [d for d in (plan.digest, Digest.parse(job["expected_sha256"]) if job["expected_sha256"] else None)
                   if d is not None]
+        what = f"{job['source']}:{job['reference']}"
+        # the artifact the verified files make, known before a blob is committed: a wrong declared (or
+        # expected) digest keeps nothing, and leaves nothing for the start-up sweep
+        made = await asyncio.to_thread(staging.artifact_digest, plan, verified)
         for want in wanted:
-            if ingested.manifest.digest != want:
-                # the files are each right, but they do not make the artifact declared (or expected)
-                raise ChecksumError(f"{job['source']}:{job['reference']}", str(want), str(ingested.manifest.digest))
+            if made is not None and made != want:
+                raise ChecksumError(what, str(want), str(made))
+        req, ingested = await self._ingest_staged(job, plan, staging)
+        for want in wanted:
+            if ingested.manifest.digest != want:  # not foreseen above: the blobs committed go at once
+                removed = await remove_unregistered(self.db, self.store, [b.digest for _, b in ingested.files]
+                                                    + [ingested.manifest.digest])
+                logger.warning("download %s: the files make %s, not %s; removed %d blobs no artifact holds",
+                               job_id, ingested.manifest.digest, want, len(removed))
+                raise ChecksumError(what, str(want), str(ingested.manifest.digest))
         return await register(self.db, self.store, req, ingested, requester(job))
 
     async def _fetch_file(self, job_id: uuid.UUID, session: Any, policy: HopPolicy, plan: Plan, index: int,
@@ -300,63 +311,32 @@ class DownloadWorker:
         the upstream declared; a mismatch keeps nothing of it. ``flight``: told how far the bytes on disk
         reach and how the file ended, for the blob GETs streaming it (``inflight.py``)."""
         remote = plan.files[index]
-        notes = await asyncio.to_thread(staging.part_notes, index, remote)
-        fresh = not notes
-        transfer = Transfer(session, policy, remote.url, plan.token)
-        for restart in range(MAX_RESTARTS + 1):
-            temp = await asyncio.to_thread(staging.part, index, fresh)
-            response = None
+        # the single-file road (parallel ranged parts, the resume sidecar, retries, the budget) into
+        # parts/<n>.partial; bytes a past attempt left of another file (the plan changed) are dropped first
+        await asyncio.to_thread(staging.claim_part, index, remote)
+        transfer = Transfer(session, policy, remote.url, plan.token, settings=self.settings.downloads)
+        progress.current = transfer
+        temp = await fetch(transfer, self.store, staging.part_name(index),
+                           on_disk=flight.started if flight is not None else None)
+        try:
+            await asyncio.to_thread(temp.finish)
+            git_sha1 = await asyncio.to_thread(_git_blob_sha1, temp.path) if remote.git_sha1 else None
             try:
-                have = temp.hasher.size
-                response = await transfer.open(have, notes.get("validator") if have else None)
-                if transfer.offset != have:
-                    await asyncio.to_thread(temp.restart)
+                remote.check(temp.hasher.size, temp.hasher.digest, git_sha1)
+            except ChecksumError as exc:
                 if flight is not None:
-                    flight.started(temp.path, temp.hasher.size)
-                notes = {"url": remote.url, "digest": str(remote.digest), "validator": transfer.validator}
-                await asyncio.to_thread(staging.write_part_notes, index, notes)
-                progress.current = transfer
-                pending = bytearray()
-                flushed = time.monotonic()
-                async for chunk in transfer.chunks(response):
-                    pending += chunk
-                    # 1 MiB steps; a slow upstream's bytes reach the disk (and the clients streaming them,
-                    # inflight.py) at least every FLUSH_SECONDS
-                    if len(pending) >= CHUNK or (flight is not None and time.monotonic() - flushed >= FLUSH_SECONDS):
-                        await asyncio.to_thread(temp.append, bytes(pending))
-                        pending.clear()
-                        flushed = time.monotonic()
-                        if flight is not None:
-                            flight.grew(temp.hasher.size)
-                await asyncio.to_thread(temp.append, bytes(pending))
-                if flight is not None:
-                    flight.grew(temp.hasher.size)
-                await asyncio.to_thread(temp.finish)
-                git_sha1 = await asyncio.to_thread(_git_blob_sha1, temp.path) if remote.git_sha1 else None
-                try:
-                    remote.check(temp.hasher.size, temp.hasher.digest, git_sha1)
-                except ChecksumError as exc:
-                    if flight is not None:
-                        flight.fail(exc.detail)
-                    await asyncio.to_thread(staging.drop_part, index)
-                    raise
-                await asyncio.to_thread(staging.keep, index, remote.path)
-                if flight is not None:
-                    flight.moved(staging.files / remote.path)
-                    flight.verify()
-                logger.info("download %s: %s verified (%s, %d bytes)", job_id, remote.path, temp.hasher.digest,
-                            temp.hasher.size)
-                return temp.hasher.digest
-            except UpstreamChanged as exc:
-                if restart == MAX_RESTARTS:
-                    raise
-                logger.info("download %s: %s: %s", job_id, remote.path, exc.detail)
-                fresh, notes = True, {}
-            finally:
-                if response is not None:
-                    response.release()
-                temp.close()
-        raise AssertionError("unreachable")
+                    flight.fail(exc.detail)
+                await asyncio.to_thread(staging.drop_part, index)
+                raise
+            await asyncio.to_thread(staging.keep, index, remote.path)
+        finally:
+            temp.close()  # kept on disk unless kept or dropped: the next attempt resumes from it
+        if flight is not None:
+            flight.moved(staging.files / remote.path)
+            flight.verify()
+        logger.info("download %s: %s verified (%s, %d bytes)", job_id, remote.path, temp.hasher.digest,
+                    temp.hasher.size)
+        return temp.hasher.digest
 
     async def _ingest_staged(self, job: dict, plan: Plan, staging: "Staging") -> tuple[ImportRequest, Ingested]:
         """The verified files through the import road, hard-linked (one set of content checks for every road)."""
@@ -465,11 +445,18 @@ class FilesProgress:
     def offset(self) -> int:
         return self.done + (self.current.offset if self.current is not None else 0)
 
+    @property
+    def retrying(self) -> str | None:
+        """Why the upstream is being asked again for the file in flight, while it is (for the job's row)."""
+        return self.current.retrying if self.current is not None else None
+
 
 class Staging:
     """A multi-file download's folder, ``tmp/downloads/<job>/``, kept across restarts (blocking methods)::
 
-        parts/<n>.partial   file n of the plan so far (resumable), and parts/<n>.json its validator
+        parts/<n>.partial   file n of the plan so far, fetched by transfer.fetch (resumable, in parallel
+                            ranged parts when large); parts/<n>.json its sidecar, <n>.origin.json
+                            the URL and digest it is of
         files/<path>        the verified files, laid out as the artifact names them
         verified.json       path -> digest of each verified file
     """
@@ -488,29 +475,44 @@ class Staging:
     def write_verified(self, verified: dict[str, str]) -> None:
         _write_notes(self.root / "verified.json", verified)
 
-    def part(self, index: int, fresh: bool) -> ResumableTemp:
-        self.parts.mkdir(parents=True, exist_ok=True)
-        return ResumableTemp(self.parts / f"{index}.partial", self.store.root, fresh)
+    def part_name(self, index: int) -> str:
+        """File ``index``'s download name for :func:`~.transfer.fetch` (``BlobStore.partial_path``)."""
+        return f"{self.root.name}/parts/{index}"
 
-    def part_notes(self, index: int, remote: RemoteFile) -> dict:
-        """The notes of a part left by an earlier attempt, if it was of the same file."""
-        notes = _read_notes(self.parts / f"{index}.json")
-        return notes if notes.get("url") == remote.url and notes.get("digest") == str(remote.digest) else {}
-
-    def write_part_notes(self, index: int, notes: dict) -> None:
+    def claim_part(self, index: int, remote: RemoteFile) -> None:
+        """Make ``parts/<n>`` file ``remote``'s: what an earlier attempt left there of another file (the
+        upstream's plan changed meanwhile) is dropped; ``<n>.origin.json`` says which file it holds."""
         self.parts.mkdir(parents=True, exist_ok=True)
-        _write_notes(self.parts / f"{index}.json", notes)
+        origin = {"url": remote.url, "digest": str(remote.digest)}
+        if _read_notes(self.parts / f"{index}.origin.json") != origin:
+            self.drop_part(index)
+            _write_notes(self.parts / f"{index}.origin.json", origin)
 
     def keep(self, index: int, path: str) -> None:
         """A verified part becomes ``files/<path>`` (renamed: the bytes hashed are the bytes kept)."""
         target = self.files / path
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.parts / f"{index}.partial", target)
-        (self.parts / f"{index}.json").unlink(missing_ok=True)
+        for suffix in (".json", ".origin.json"):
+            (self.parts / f"{index}{suffix}").unlink(missing_ok=True)
 
     def drop_part(self, index: int) -> None:
-        for suffix in (".partial", ".json"):
+        for suffix in (".partial", ".json", ".origin.json"):
             (self.parts / f"{index}{suffix}").unlink(missing_ok=True)
+
+    def artifact_digest(self, plan: Plan, verified: dict[str, str]) -> Digest | None:
+        """The digest of the artifact the verified files make, as the import road will make it (None:
+        cannot tell before importing): the file's own, the Ollama manifest's, or the folder manifest's
+        from the same listing and the digests already checked."""
+        if plan.layout == "ollama":
+            return Digest(hashlib.sha256(plan.manifest).hexdigest()) if plan.manifest is not None else None
+        if plan.layout == "file":
+            return Digest.parse(verified[plan.files[0].path])
+        listing = folder_files(self.files)
+        if any(f.rel not in verified for f in listing):
+            return None
+        return Digest(hashlib.sha256(folder_manifest(
+            [(f.rel, Digest.parse(verified[f.rel]), f.path.stat().st_size) for f in listing])).hexdigest())
 
     def as_ollama_models(self, manifest: bytes | None) -> ModelsDir:
         """``files/`` as an Ollama models dir: its blobs are there; the manifest goes where Ollama keeps one."""

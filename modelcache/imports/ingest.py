@@ -232,6 +232,16 @@ def _parents(rel: str) -> list[tuple[str, ...]]:
     return [tuple(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
+def folder_manifest(files: Sequence[tuple[str, Digest, int]]) -> bytes:
+    """A folder artifact's manifest: a function of its files' (path, digest, size) in listing order alone,
+    so its digest (the artifact's) is known before any blob is committed, from digests already checked."""
+    document = {
+        "media_type": MANIFEST_MEDIA_TYPE,
+        "files": [{"path": path, "digest": str(digest), "size": size} for path, digest, size in files],
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
 def _ingest_folder(store: BlobStore, folder: Path, listing: Sequence[FolderFile], move: bool,
                    meter: _Meter) -> tuple[list[tuple[str, Blob]], Blob]:
     """Store every file of a folder, then a manifest naming them; the manifest's digest is the artifact's."""
@@ -239,12 +249,8 @@ def _ingest_folder(store: BlobStore, folder: Path, listing: Sequence[FolderFile]
         raise InvalidInput(f"{folder}: the folder holds no files")
     ingest = store.ingest_link if move else store.ingest_copy
     files = [(f.rel, ingest(f.path, None, meter)) for f in listing]
-    document = {
-        "media_type": MANIFEST_MEDIA_TYPE,
-        "files": [{"path": path, "digest": str(b.digest), "size": b.size} for path, b in files],
-    }
     with store.temp() as temp:
-        temp.write(json.dumps(document, sort_keys=True, separators=(",", ":")).encode())
+        temp.write(folder_manifest([(path, b.digest, b.size) for path, b in files]))
         temp.finish()
         manifest = store.commit(temp)
     return files, manifest
