@@ -17,10 +17,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -36,7 +34,8 @@ from modelcache.db import Database
 from modelcache.imports import ImportRequest, import_path
 from modelcache.store import BlobStore
 from modelcache.tokens import create_token
-from test_downloads import allow, bearer, blob_files, free_port, request_download, wait_for, worker  # noqa: F401
+from test_downloads import (ENDED, RunProcess, allow, bearer, blob_files, free_port, request_download,  # noqa: F401
+                            wait_for, worker)
 from test_hf_api import snapshot_files, write_snapshot
 from test_hf_clients import Server
 from test_oci_clients import DOCKER, OCI, ollama_models_dir
@@ -277,44 +276,19 @@ async def test_killing_run_mid_multi_file_download_resumes_from_disk(make_databa
     data = tmp_path / "run-data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCACHE_")}
     env[UPSTREAM_TOKEN] = central_token
-    log = open(tmp_path / "run.log", "ab")  # noqa: SIM115
-    base = f"http://127.0.0.1:{port}"
-
-    def start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "modelcache", "run", "--config", str(conf), "--dsn", dsn,
-                                 "--data-dir", str(data)], stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    async def ready(proc) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (tmp_path / "run.log").read_text()
-            try:
-                async with http.get(f"{base}/readyz") as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()
-            await asyncio.sleep(0.1)
-
-    async def get(download_id) -> dict:
-        async with http.get(f"{base}/v1/downloads/{download_id}", headers=bearer(token)) as r:
-            return await r.json()
-
-    proc = start()
+    run = RunProcess(tmp_path, conf, dsn, data, port, http, token, env)
     try:
-        await ready(proc)
-        async with http.post(f"{base}/v1/downloads", headers=bearer(token), json={
+        await run.start()
+        async with http.post(f"{run.base}/v1/downloads", headers=bearer(token), json={
                 "source": "central", "reference": "acme/big:1", "model": "big", "vendor": "acme",
                 "version": "1"}) as r:
             assert r.status == 202, await r.text()
             asked = await r.json()
         deadline = time.monotonic() + 30
-        while (body := await get(asked["id"]))["bytes_done"] < total * 0.6:
+        while (body := await run.download(asked["id"]))["bytes_done"] < total * 0.6:
             assert body["state"] in ("queued", "running") and time.monotonic() < deadline, body
             await asyncio.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        run.kill()
         staging = data / "tmp" / "downloads" / asked["id"]
         verified = json.loads((staging / "verified.json").read_text())
         assert set(verified) == {"config.json", "model-00001-of-00002.safetensors"}  # the small files are in
@@ -325,16 +299,13 @@ async def test_killing_run_mid_multi_file_download_resumes_from_disk(make_databa
         await asyncio.sleep(1.0)  # the upstream writes its access log twice a second
         before = len(blob_gets(upstream.log))
 
-        proc = start()
-        await ready(proc)
+        await run.start()
         deadline = time.monotonic() + 40
-        while (body := await get(asked["id"]))["state"] not in ("completed", "failed", "cancelled", "rejected"):
+        while (body := await run.download(asked["id"]))["state"] not in ENDED:
             assert time.monotonic() < deadline, body
             await asyncio.sleep(0.1)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
-        log.close()
+        run.stop()
         await asyncio.sleep(1.0)
         await asyncio.to_thread(upstream.stop)
     assert body["state"] == "completed" and body["digest"] == str(snap.digest), body

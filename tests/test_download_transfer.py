@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -35,45 +34,13 @@ class Upstream(Nginx):
     def __init__(self, root: Path, workdir: Path) -> None:
         self.root, self.workdir, self.port = root, workdir, free_port()
         self.log = workdir / "access.log"
-        user = "user root root;" if os.geteuid() == 0 else ""
-        temps = "\n".join(f"{name}_temp_path {workdir}/{name};" for name in
-                          ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        (workdir / "nginx.conf").write_text(f"""
-daemon off;
-{user}
-worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-  log_format bytes '$status $body_bytes_sent "$http_range" "$http_if_range" $uri';
-  access_log {self.log} bytes;
-  {temps}
-  default_type application/octet-stream;
+        self.start(f"""
   server {{
     listen 127.0.0.1:{self.port};
     root {root};
     location /slow/ {{ alias {root}/; limit_rate 8m; }}
     location /norange/ {{ alias {root}/; max_ranges 0; limit_rate 16m; }}
-  }}
-}}
-""")
-        with open(workdir / "stderr.log", "wb") as err:
-            self.proc = subprocess.Popen([NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf")],
-                                         stdout=subprocess.DEVNULL, stderr=err)
-        self._wait_listening()
-
-    def _wait_listening(self) -> None:
-        import socket
-        deadline = time.monotonic() + 10
-        while True:
-            assert self.proc.poll() is None, (self.workdir / "stderr.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "nginx did not listen within 10s"
-                time.sleep(0.05)
+  }}""")
 
 
 @pytest.fixture

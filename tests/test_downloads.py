@@ -44,6 +44,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def nginx_conf(workdir: Path, servers: str) -> str:
+    """A whole nginx config around ``servers``: no daemon, its files in ``workdir``, an access log of
+    status, bytes, Range and If-Range per request (what the tests read back)."""
+    user = "user root root;" if os.geteuid() == 0 else ""
+    temps = "\n".join(f"{name}_temp_path {workdir}/{name};" for name in
+                      ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""
+daemon off;
+{user}
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+  log_format bytes '$status $body_bytes_sent "$http_range" "$http_if_range" $uri';
+  access_log {workdir}/access.log bytes;
+  {temps}
+  default_type application/octet-stream;
+{servers}
+}}
+"""
+
+
 class Nginx:
     """nginx serving ``root`` on a free 127.0.0.1 port; its access log records status, bytes and ranges."""
 
@@ -58,21 +81,7 @@ class Nginx:
     ssl_certificate_key {tls[1]};
     root {root};
   }}""" if tls else ""
-        user = "user root root;" if os.geteuid() == 0 else ""
-        temps = "\n".join(f"{name}_temp_path {workdir}/{name};" for name in
-                          ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        (workdir / "nginx.conf").write_text(f"""
-daemon off;
-{user}
-worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-  log_format bytes '$status $body_bytes_sent "$http_range" "$http_if_range" $uri';
-  access_log {self.log} bytes;
-  {temps}
-  default_type application/octet-stream;
+        self.start(f"""
   server {{
     listen 127.0.0.1:{self.port};
     root {root};
@@ -91,9 +100,11 @@ http {{
     listen 127.0.0.1:{self.proxy_port};
     access_log {self.proxy_log} bytes;
     location / {{ proxy_pass http://127.0.0.1:{self.port}; }}
-  }}{tls_server}
-}}
-""")
+  }}{tls_server}""")
+
+    def start(self, servers: str) -> None:
+        workdir = self.workdir
+        (workdir / "nginx.conf").write_text(nginx_conf(workdir, servers))
         with open(workdir / "stderr.log", "wb") as err:
             self.proc = subprocess.Popen([NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf")],
                                          stdout=subprocess.DEVNULL, stderr=err)
@@ -636,6 +647,48 @@ async def test_cancel_a_running_download(nginx, make_download_settings, start_se
     assert done["state"] == "cancelled" and done["decided_by"].startswith("token:")
 
 
+class RunProcess:
+    """A real ``modelcache run`` subprocess (on ``dsn``, with ``conf``) that a test kills and starts again;
+    its log is ``tmp_path/run.log``."""
+
+    def __init__(self, tmp_path: Path, conf: Path, dsn: str, data: Path, port: int, http, token: str,
+                 env: dict[str, str]) -> None:
+        self.args = [sys.executable, "-m", "modelcache", "run", "--config", str(conf), "--dsn", dsn,
+                     "--data-dir", str(data)]
+        self.log_path, self.env, self.http, self.token = tmp_path / "run.log", env, http, token
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> None:
+        """Start it and wait until /readyz answers 200 (30 s at most)."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            try:
+                async with self.http.get(f"{self.base}/readyz") as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, self.log_path.read_text()
+            await asyncio.sleep(0.1)
+
+    async def download(self, download_id: str) -> dict:
+        async with self.http.get(f"{self.base}/v1/downloads/{download_id}", headers=bearer(self.token)) as r:
+            return await r.json()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+
+
 # -- a killed process resumes from disk ---------------------------------------------
 
 
@@ -651,59 +704,30 @@ async def test_killing_run_mid_download_resumes_from_disk(nginx, tmp_path, dsn, 
                     f'url = "{nginx.url}slow/"\n\n[downloads]\npoll_seconds = 0.2\n')
     data = tmp_path / "run-data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCACHE_")}
-    log = open(tmp_path / "run.log", "ab")  # noqa: SIM115
-
-    def start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "modelcache", "run", "--config", str(conf), "--dsn", dsn,
-                                 "--data-dir", str(data)], stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    base = f"http://127.0.0.1:{port}"
-
-    async def ready(proc) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (tmp_path / "run.log").read_text()
-            try:
-                async with http.get(f"{base}/readyz") as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()
-            await asyncio.sleep(0.1)
-
-    async def get(download_id) -> dict:
-        async with http.get(f"{base}/v1/downloads/{download_id}", headers=bearer(token)) as r:
-            return await r.json()
-
-    proc = start()
+    run = RunProcess(tmp_path, conf, dsn, data, port, http, token, env)
     try:
-        await ready(proc)
-        async with http.post(f"{base}/v1/downloads", headers=bearer(token), json={
+        await run.start()
+        async with http.post(f"{run.base}/v1/downloads", headers=bearer(token), json={
                 "source": "slow", "reference": "files/model.gguf", "model": "tiny", "version": "1",
                 "sha256": digest}) as r:
             assert r.status == 202
             asked = await r.json()
         deadline = time.monotonic() + 20
-        while (body := await get(asked["id"]))["bytes_done"] < len(content) // 4:
+        while (body := await run.download(asked["id"]))["bytes_done"] < len(content) // 4:
             assert body["state"] in ("queued", "running") and time.monotonic() < deadline, body
             await asyncio.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        run.kill()
         partial = data / "tmp" / "downloads" / f"{asked['id']}.partial"
         on_disk = partial.stat().st_size
         assert on_disk >= len(content) // 4
 
-        proc = start()
-        await ready(proc)
+        await run.start()
         deadline = time.monotonic() + 30
-        while (body := await get(asked["id"]))["state"] not in ENDED:
+        while (body := await run.download(asked["id"]))["state"] not in ENDED:
             assert time.monotonic() < deadline, body
             await asyncio.sleep(0.1)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
-        log.close()
+        run.stop()
     assert body["state"] == "completed" and body["digest"] == digest, body
     assert body["attempts"] == 2
     # one blob of the content (and those derived from it for /v2), every one the registry's; nothing half-written
