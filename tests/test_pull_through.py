@@ -21,7 +21,12 @@ import pytest
 
 from modelcache import config, preferences
 from modelcache.auth import Subject
+from modelcache.db import Database
+from modelcache.imports import ImportRequest, import_path
+from modelcache.store import BlobStore
+from conftest import gguf_bytes
 from test_download_sources import UPSTREAM_TOKEN, upstream  # noqa: F401
+from test_download_transfer import RefusingProxy
 from test_downloads import allow, audit_rows, bearer, worker  # noqa: F401
 from test_hf_clients import run, sha256s
 from test_oci_clients import DOCKER
@@ -45,12 +50,13 @@ print(json.dumps({p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes(
 def make_pt_settings(tmp_path, dsn):
     """Our cache's settings: sources (id -> kind, url; each with the upstream's token) and fast retries."""
 
-    def make(sources: dict[str, tuple[str, str]]) -> config.Settings:
+    def make(sources: dict[str, tuple[str, str]], **downloads) -> config.Settings:
         lines = []
         for sid, (kind, url) in sources.items():
             lines += [f"[sources.{sid}]", f'kind = "{kind}"', f'url = "{url}"', f'token_env = "{UPSTREAM_TOKEN}"', ""]
-        lines += ["[downloads]", "poll_seconds = 0.2", "read_timeout = 5", "retries = 1", "retry_seconds = 0.1",
-                  f"pull_through_wait_seconds = {WAIT}"]
+        downloads = {"poll_seconds": 0.2, "read_timeout": 5, "retries": 1, "retry_seconds": 0.1,
+                     "pull_through_wait_seconds": WAIT, **downloads}
+        lines += ["[downloads]", *(f"{k} = {v}" for k, v in downloads.items())]
         path = tmp_path / "modelcache.toml"
         path.write_text("\n".join(lines) + "\n")
         return config.load(path, env={}, overrides={"storage.data_dir": str(tmp_path / "data"), "database.dsn": dsn})
@@ -256,3 +262,93 @@ async def test_with_pull_through_off_a_miss_is_a_plain_404_and_asks_nothing(upst
         assert "download" not in r.headers["X-Error-Message"]
     assert download_rows(dsn) == []
     assert audit_rows(dsn, "model_download.request") == []
+
+
+# -- (f) the upstream rate-limits (429 with Retry-After) ----------------------------------------------
+
+
+async def test_while_the_upstream_answers_429_what_is_cached_is_served_a_miss_hears_503_at_once_then_completes(
+        upstream, make_pt_settings, start_server, worker, db, http, dsn, make_token, monkeypatch, tmp_path):  # noqa: F811
+    monkeypatch.setenv(UPSTREAM_TOKEN, upstream.token)
+    # a second tag in the upstream, asked for only while it rate-limits
+    (tmp_path / "src2").mkdir()
+    (tmp_path / "src2" / "tinyllama-2b.gguf").write_bytes(gguf_bytes(n_floats=2048))
+    up_db = Database(upstream.dsn)
+    await up_db.open()
+    try:
+        await import_path(up_db, BlobStore(upstream.data_dir), ImportRequest.parse(
+            tmp_path / "src2" / "tinyllama-2b.gguf", "tinyllama", "2b", "meta", "gguf"), Subject.local())
+    finally:
+        await up_db.close()
+    for _ in range(100):  # the upstream's index follows the import it heard of
+        async with http.get(f"{upstream.url}v2/meta/tinyllama/manifests/2b",
+                            headers={**bearer(upstream.token), "Accept": DOCKER}) as r:
+            if r.status == 200:
+                break
+        await asyncio.sleep(0.1)
+    wanted_2b = await upstream_manifest(http, upstream, "meta/tinyllama", "2b")
+
+    # a real TCP proxy in front of the upstream: passes everything until told to answer 429 (Retry-After: 1)
+    proxy = RefusingProxy(upstream.server.port, refusals=0, retry_after="1")
+    url = await proxy.start()
+    try:
+        # retries enough to outlast the rate limit (20 x Retry-After 1 s)
+        settings = make_pt_settings({"registry": ("ollama", url), "hub": ("huggingface", url + "hf")}, retries=20)
+        server = await start_server(settings)
+        await worker(settings)
+        await allow(db, "registry", "hub")
+        await preferences.set_preference(db, "models.download.pull_through", True, Subject.local())
+        node = await make_token("node", name="node-429")
+
+        # filled while the upstream answers: an Ollama model and a Hub snapshot
+        wanted = await upstream_manifest(http, upstream, "meta/tinyllama", "1b")
+        assert await ollama_pull(http, server, node, "meta/tinyllama", "1b") == (200, wanted)
+        async with http.get(server.make_url("/hf/api/models/acme/tiny"), headers=bearer(node)) as r:
+            assert r.status == 200, await r.text()
+            commit = (await r.json())["sha"]
+        for _ in range(100):
+            if all(row["state"] == "completed" for row in download_rows(dsn)):
+                break
+            await asyncio.sleep(0.1)
+        assert [row["state"] for row in download_rows(dsn)] == ["completed", "completed"]
+
+        proxy.refusals = 10 ** 9  # from now on every connection hears 429 Too Many Requests, Retry-After: 1
+        refused_from = proxy.connections
+
+        # (a) what is cached is served: manifest and blobs, the Hub's revision, tree and files
+        assert await ollama_pull(http, server, node, "meta/tinyllama", "1b") == (200, wanted)
+        for path in ("/hf/api/models/acme/tiny/revision/main", f"/hf/api/models/acme/tiny/tree/{commit}"):
+            async with http.get(server.make_url(path), headers=bearer(node)) as r:
+                assert r.status == 200, (path, await r.text())
+        async with http.get(server.make_url("/hf/acme/tiny/resolve/main/config.json"), headers=bearer(node)) as r:
+            assert r.status == 200 and await r.read() == upstream.snapshot_files["config.json"]
+        assert proxy.connections == refused_from  # none of it asked the upstream
+
+        # (b) a miss is answered 503 at once (not after the wait), naming its download and the 429
+        started = time.monotonic()
+        async with http.get(server.make_url("/v2/meta/tinyllama/manifests/2b"),
+                            headers={**bearer(node), "Accept": DOCKER}) as r:
+            body = await r.json()
+            assert r.status == 503, body
+        assert time.monotonic() - started < 5
+        row = download_rows(dsn)[-1]
+        assert (row["reference"], row["state"]) == ("meta/tinyllama:2b", "running")
+        detail = body["errors"][0]["detail"]
+        assert f"download {row['id']}" in detail and "429" in detail, detail
+        assert "429" in row["error"] and proxy.connections > refused_from
+
+        # (c) the upstream answers again: the same download completes, the next pull is served
+        proxy.refusals = proxy.connections
+        for _ in range(150):
+            if download_rows(dsn)[-1]["state"] != "running":
+                break
+            await asyncio.sleep(0.1)
+        done = download_rows(dsn)[-1]
+        assert (done["id"], done["state"], done["error"]) == (row["id"], "completed", None)
+        assert await ollama_pull(http, server, node, "meta/tinyllama", "2b") == (200, wanted_2b)
+        rows = download_rows(dsn)
+        # (a pull in the instant the index has not yet heard of the completion may ask once more: a twin)
+        assert [r["reference"] for r in rows][:3] == ["meta/tinyllama:1b", "acme/tiny@main", "meta/tinyllama:2b"]
+        assert all(r["state"] == "completed" for r in rows) and rows[2]["id"] == row["id"], rows
+    finally:
+        await proxy.stop()

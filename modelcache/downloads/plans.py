@@ -29,6 +29,7 @@ Per kind:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import logging
@@ -55,6 +56,9 @@ logger = logging.getLogger(__name__)
 MAX_METADATA_BYTES = 8 << 20
 MAX_TREE_PAGES = 1000  # of the Hub's tree listing, 1000 entries each
 SERVABLE = ("promoted", "staged")  # what another cache may hand out (staged: to its admins and operators)
+# what :func:`resolve` was given to show its metadata GET in flight on (``.current``), so the worker's
+# progress loop can write why the upstream is being asked again to the job's row, as for the files
+_WATCH: contextvars.ContextVar[Any] = contextvars.ContextVar("plan_watch", default=None)
 
 
 @dataclass(frozen=True)
@@ -95,13 +99,20 @@ class Plan:
 
 
 async def resolve(source: Source, reference: ArtifactRef | HubRef | OllamaRef, session: aiohttp.ClientSession,
-                  policy: HopPolicy, artifact_type: str | None, settings: DownloadSettings | None = None) -> Plan:
-    """``settings``: the process's downloads settings; metadata GETs are asked again as often as files are."""
-    if isinstance(reference, ArtifactRef):
-        return await _modelcache(source, reference, session, policy, artifact_type, settings)
-    if isinstance(reference, HubRef):
-        return await _huggingface(source, reference, session, policy, artifact_type, settings)
-    return await _ollama(source, reference, session, policy, artifact_type, settings)
+                  policy: HopPolicy, artifact_type: str | None, settings: DownloadSettings | None = None, *,
+                  watch: Any = None) -> Plan:
+    """``settings``: the process's downloads settings; metadata GETs are asked again as often as files are.
+    ``watch``: an object whose ``current`` is set to each metadata GET's Transfer while it runs (its
+    ``retrying`` says why the upstream is being asked again)."""
+    token = _WATCH.set(watch)
+    try:
+        if isinstance(reference, ArtifactRef):
+            return await _modelcache(source, reference, session, policy, artifact_type, settings)
+        if isinstance(reference, HubRef):
+            return await _huggingface(source, reference, session, policy, artifact_type, settings)
+        return await _ollama(source, reference, session, policy, artifact_type, settings)
+    finally:
+        _WATCH.reset(token)
 
 
 # -- modelcache ----------------------------------------------------------------------------
@@ -310,6 +321,8 @@ async def _get_answer(session: aiohttp.ClientSession, policy: HopPolicy, url: st
                       own_origin: bool = False) -> tuple[bytes, Mapping[str, str]]:
     """The body (at most ``limit`` bytes) and headers of a small GET; ``own_origin``: see HopPolicy.check."""
     transfer = Transfer(session, policy, url, token, headers, settings=settings, own_origin=own_origin)
+    if (watch := _WATCH.get()) is not None:
+        watch.current = transfer
     response = await transfer.open()
     try:
         if response.content_length is not None and response.content_length > limit:

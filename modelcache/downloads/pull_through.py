@@ -24,8 +24,10 @@ reference in the registry, so across processes too). Then the miss is answered:
 - queued or running: the client's request waits up to ``downloads.pull_through_wait_seconds`` for
   the protocol's index to serve it (small repos are answered from the freshly filled cache), else a
   404 saying it is being fetched as download ``<id>``, retry;
-- failed (within ``MISS_REMEMBERED_SECONDS``), or the upstream failing while retrying: 503 naming
-  the download and the upstream's error; rejected or cancelled: a 404 saying so.
+- failed (within ``MISS_REMEMBERED_SECONDS``), or the upstream failing while retrying (an upstream
+  down or answering 429: the worker writes why it asks again to the row within a second, during the
+  metadata lookup too): 503 at once, naming the download and the upstream's error, rather than after
+  the whole wait; the download goes on retrying. Rejected or cancelled: a 404 saying so.
 
 Only a miss reads the database here; what is cached is answered from memory as before, whether
 the upstream is up or not. While the download runs in this process, ``early`` may answer before it

@@ -10,7 +10,9 @@ The bytes go through the import road: :func:`~modelcache.imports.ingest_stream`
 hashes them while writing a resumable partial file in ``tmp/downloads/``, then
 :func:`~modelcache.imports.register` records the artifact (and enforces the
 eviction policy). Progress and rate are written to the job's row once a second
-by a loop beside the transfer, never per chunk; that loop also notices a cancel.
+by a loop beside the transfer, never per chunk, with why the upstream is being
+asked again while it is (for the metadata lookup, the plan, too); that loop
+also notices a cancel.
 A stop (SIGTERM) leaves the job ``running`` and its partial file in place: the
 next worker resumes it from the bytes on disk, checked against the upstream's
 validator with ``If-Range``.
@@ -253,8 +255,13 @@ class DownloadWorker:
         policy = HopPolicy(source, allowed, self.settings.downloads.max_redirects)
         staging = Staging(self.store, str(job_id))
         async with open_session(policy, self.settings.downloads) as session:
+            # while the metadata is asked for, why the upstream is asked again reaches the row too (a
+            # pull-through miss answers 503 at once from it, pull_through.py); the bytes as the row has them
+            lookup = FilesProgress(job.get("bytes_total"))
+            lookup.done = job.get("bytes_done") or 0
+            self._transfers[job_id] = lookup  # type: ignore[assignment]
             plan = await resolve(source, source.parse(job["reference"]), session, policy, job["artifact_type"],
-                                 self.settings.downloads)
+                                 self.settings.downloads, watch=lookup)
             await eviction.admit(self.db, plan.total or 0)  # refused (507) before any byte moves
             promoted = (await preferences.effective(self.db))[AUTO_PROMOTE]  # as register() will make it
             declared = [(f.digest, f.size) for f in plan.files if f.digest is not None and f.size is not None]
@@ -434,7 +441,8 @@ STAGED_OLLAMA = ModelName("download", DEFAULT_NAMESPACE, "model", "latest")
 
 
 class FilesProgress:
-    """The bytes of a multi-file download so far, read by the progress loop as a Transfer's are."""
+    """The bytes of a multi-file download so far, read by the progress loop as a Transfer's are (before the
+    plan is known: the row's, ``current`` the metadata GET in flight)."""
 
     def __init__(self, total: int | None) -> None:
         self.total = total
