@@ -114,13 +114,15 @@ async def lock_miss(conn: Connection, source: str, reference: str) -> None:
 
 async def miss_twin(conn: Connection, source: str, reference: str, ended_within: float) -> dict | None:
     """The download a pull-through miss maps to: the newest open one (pending approval, queued or running)
-    for this source and reference, else one that failed, was rejected or cancelled ``ended_within`` seconds
-    ago or less (so a client retrying against a failing upstream is told at once, not queued again)."""
+    for this source and reference, else one that ended ``ended_within`` seconds ago or less: a failed,
+    rejected or cancelled one (so a client retrying against a failing upstream is told at once, not queued
+    again), or a completed one (a miss in the instant before the server's index holds what it brought
+    waits for the index instead of asking for the same content again)."""
     return await one(conn, """
         SELECT * FROM model_downloads
          WHERE source = %s AND reference = %s
            AND (state IN ('pending_approval', 'queued', 'running')
-                OR (state IN ('failed', 'rejected', 'cancelled')
+                OR (state IN ('completed', 'failed', 'rejected', 'cancelled')
                     AND finished_at > now() - make_interval(secs => %s)))
          ORDER BY (state IN ('pending_approval', 'queued', 'running')) DESC, created_at DESC LIMIT 1""",
                      (source, reference, ended_within))

@@ -27,7 +27,9 @@ reference in the registry, so across processes too). Then the miss is answered:
 - failed (within ``MISS_REMEMBERED_SECONDS``), or the upstream failing while retrying (an upstream
   down or answering 429: the worker writes why it asks again to the row within a second, during the
   metadata lookup too): 503 at once, naming the download and the upstream's error, rather than after
-  the whole wait; the download goes on retrying. Rejected or cancelled: a 404 saying so.
+  the whole wait; the download goes on retrying. Rejected or cancelled: a 404 saying so;
+- completed (within ``MISS_REMEMBERED_SECONDS``): the miss came in the instant before the index held
+  what it brought, so it waits for the index rather than asking for the same content again.
 
 Only a miss reads the database here; what is cached is answered from memory as before, whether
 the upstream is up or not. While the download runs in this process, ``early`` may answer before it

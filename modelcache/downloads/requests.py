@@ -65,7 +65,7 @@ async def request(db: Database, settings: Settings, req: DownloadRequest, subjec
     The reference is read as its source's kind expects (:meth:`~.sources.Source.parse`).
     ``pull_through``: asked by a ``/v2`` or ``/hf`` miss (``pull_through.py``), which the preference
     ``models.download.pull_through`` permits; the download already asked for the same source and
-    reference (open, or ended badly in the last ``MISS_REMEMBERED_SECONDS``) is answered instead of a
+    reference (open, or ended in the last ``MISS_REMEMBERED_SECONDS``) is answered instead of a
     new one, under a lock per source and reference, so concurrent misses make one request."""
     where = f"{req.source}:{req.reference}"
     try:
