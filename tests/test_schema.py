@@ -165,13 +165,18 @@ def test_unreachable_database_is_one_clear_line(tmp_path):
 
 
 async def test_a_database_from_the_first_release_upgrades_to_schema_sql(make_database):
-    # A database at version 1, migrated by the first release: its runner's bookkeeping table, 0001 as
-    # released (0002 pins its checksum, checked below), and rows that the changed trigger concerns.
+    # A database at version 1, migrated by the first build: its runner's bookkeeping table, 0001 as it
+    # ran then (the trigger as it was before 0001 was edited in place; 0002 changes it and pins 0001's
+    # checksum, checked below), and rows that the changed trigger concerns.
     old = make_database(empty=True)
     digest = "sha256:" + "ab" * 32
     with psycopg.connect(old) as conn:
         conn.execute(RELEASED_BOOKKEEPING)
         conn.execute((MIGRATIONS / "0001_initial.sql").read_text())
+        # the first build's 0001 (before it was edited in place) had the trigger fire on every update
+        conn.execute("DROP TRIGGER blobs_notify ON blobs")
+        conn.execute("CREATE TRIGGER blobs_notify AFTER INSERT OR UPDATE OR DELETE ON blobs "
+                     "FOR EACH ROW EXECUTE FUNCTION notify_blob_change()")
         conn.execute("INSERT INTO schema_migrations (version, name) VALUES (1, 'initial')")
         conn.execute("INSERT INTO blobs (digest, size_bytes, xxh3_128) VALUES (%s, 2048, %s)", (digest, "cd" * 16))
         model = conn.execute("INSERT INTO models (name, updated_by) VALUES ('tiny', 'test') RETURNING id").fetchone()
