@@ -34,7 +34,7 @@ from modelcache.db import Database
 from modelcache.imports import ImportRequest, import_path
 from modelcache.store import BlobStore
 from modelcache.tokens import create_token
-from test_downloads import (ENDED, RunProcess, allow, bearer, blob_files, free_port, request_download,  # noqa: F401
+from test_downloads import (RunProcess, allow, bearer, blob_files, free_port, request_download,  # noqa: F401
                             wait_for, worker)
 from test_hf_api import snapshot_files, write_snapshot
 from test_hf_clients import Server
@@ -300,10 +300,7 @@ async def test_killing_run_mid_multi_file_download_resumes_from_disk(make_databa
         before = len(blob_gets(upstream.log))
 
         await run.start()
-        deadline = time.monotonic() + 40
-        while (body := await run.download(asked["id"]))["state"] not in ENDED:
-            assert time.monotonic() < deadline, body
-            await asyncio.sleep(0.1)
+        body = await run.until_ended(asked["id"], timeout=40)
     finally:
         run.stop()
         await asyncio.sleep(1.0)

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from conftest import gguf_bytes
-from test_downloads import (ENDED, Nginx, allow, audit_rows, free_port, make_download_settings,  # noqa: F401
+from test_downloads import (ENDED, LoopbackProxy, Nginx, allow, audit_rows, free_port, make_download_settings,  # noqa: F401
                             put, request_download, wait_for, worker)
 
 pytestmark = pytest.mark.registry
@@ -56,21 +56,15 @@ def nginx(tmp_path):
     server.stop()
 
 
-class RefusingProxy:
-    """A real TCP proxy in front of nginx whose first ``refusals`` connections get ``status`` (with Retry-After)."""
+class RefusingProxy(LoopbackProxy):
+    """The first ``refusals`` connections get ``status`` (with Retry-After); the rest reach the upstream."""
 
     def __init__(self, upstream_port: int, refusals: int, status: str = "429 Too Many Requests",
                  retry_after: str | None = "1") -> None:
-        self.upstream_port, self.refusals, self.status, self.retry_after = upstream_port, refusals, status, retry_after
-        self.connections = 0
+        super().__init__(upstream_port)
+        self.refusals, self.status, self.retry_after = refusals, status, retry_after
 
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/"
-
-    async def _handle(self, reader, writer) -> None:
-        n = self.connections
-        self.connections += 1
+    async def _serve(self, n: int, reader, writer) -> None:
         try:
             if n < self.refusals:
                 await reader.readuntil(b"\r\n\r\n")
@@ -92,9 +86,6 @@ class RefusingProxy:
             pass
         finally:
             writer.close()
-
-    async def stop(self) -> None:
-        self.server.close()
 
 
 def parts_settings(make_download_settings, sources: dict[str, str], **overrides):

@@ -176,12 +176,12 @@ def put(nginx: Nginx, name: str, content: bytes) -> str:
     return "sha256:" + hashlib.sha256(content).hexdigest()
 
 
-class CuttingProxy:
-    """A real TCP proxy on loopback in front of nginx: the first ``cuts`` responses end after ``after`` bytes."""
+class LoopbackProxy:
+    """A real TCP proxy on 127.0.0.1 in front of an upstream port; subclasses decide what each connection
+    gets (``_serve(n, reader, writer)``, ``n`` counting connections from 0)."""
 
-    def __init__(self, upstream_port: int, after: int, cuts: int = 1, on_cut=None) -> None:
-        self.upstream_port, self.after, self.cuts, self.on_cut = upstream_port, after, cuts, on_cut
-        self.connections = 0
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port, self.connections = upstream_port, 0
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -190,6 +190,20 @@ class CuttingProxy:
     async def _handle(self, reader, writer) -> None:
         n = self.connections
         self.connections += 1
+        await self._serve(n, reader, writer)
+
+    async def stop(self) -> None:
+        self.server.close()
+
+
+class CuttingProxy(LoopbackProxy):
+    """The first ``cuts`` responses end after ``after`` bytes, with a reset."""
+
+    def __init__(self, upstream_port: int, after: int, cuts: int = 1, on_cut=None) -> None:
+        super().__init__(upstream_port)
+        self.after, self.cuts, self.on_cut = after, cuts, on_cut
+
+    async def _serve(self, n: int, reader, writer) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
 
         async def upstream() -> None:
@@ -218,9 +232,6 @@ class CuttingProxy:
             forward.cancel()
             up_writer.close()
             writer.close()
-
-    async def stop(self) -> None:
-        self.server.close()
 
 
 @pytest.fixture
@@ -679,6 +690,14 @@ class RunProcess:
         async with self.http.get(f"{self.base}/v1/downloads/{download_id}", headers=bearer(self.token)) as r:
             return await r.json()
 
+    async def until_ended(self, download_id: str, timeout: float) -> dict:
+        """The download once it has ended (completed, failed, rejected or cancelled)."""
+        deadline = time.monotonic() + timeout
+        while (body := await self.download(download_id))["state"] not in ENDED:
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.1)
+        return body
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
@@ -722,10 +741,7 @@ async def test_killing_run_mid_download_resumes_from_disk(nginx, tmp_path, dsn, 
         assert on_disk >= len(content) // 4
 
         await run.start()
-        deadline = time.monotonic() + 30
-        while (body := await run.download(asked["id"]))["state"] not in ENDED:
-            assert time.monotonic() < deadline, body
-            await asyncio.sleep(0.1)
+        body = await run.until_ended(asked["id"], timeout=30)
     finally:
         run.stop()
     assert body["state"] == "completed" and body["digest"] == digest, body
