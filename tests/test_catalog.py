@@ -20,8 +20,7 @@ def bearer(secret: str) -> dict:
 async def listener_pids(db) -> list[int]:
     async with db.connection() as conn:
         cur = await conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %%'"
-            " AND query NOT LIKE '%%modelcache_loads%%'")  # the catalog's, not the node loads' bell
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %%'")
         return [r["pid"] for r in await cur.fetchall()]
 
 

@@ -1,42 +1,27 @@
-"""Wakes the long-polls of nodes waiting for load requests: one LISTEN connection per process.
+"""Wakes the long-polls of nodes waiting for load requests.
 
 A request for ``GET /v1/nodes/{id}/loads?wait=N`` that finds nothing open registers an event
 here *before* it reads the database, then waits on it: a load request created meanwhile (by this
 process, which rings at once, or by another, whose trigger notifies ``modelcache_loads`` with the
-node id) sets it, and the request reads again. No loop polls the database. After the LISTEN
-connection (re)connects every waiter is woken, since a notification may have been missed.
+node id, heard on the catalog's one LISTEN connection: ``Catalog.listen``) sets it, and the request
+reads again. No loop polls the database. After that connection (re)connects every waiter is woken,
+since a notification may have been missed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from contextlib import contextmanager
 from typing import Iterator
 
-from ..db import Database
-from ..db.nodes import LOADS_CHANNEL
-
-logger = logging.getLogger(__name__)
-
 
 class LoadBell:
-    def __init__(self, db: Database) -> None:
-        self._db = db
+    def __init__(self) -> None:
         self._waiting: dict[str, set[asyncio.Event]] = {}
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._db.listen([LOADS_CHANNEL], self._on_notify, self._on_connect,
-                                                         self._stop), name="load-bell")
-
-    async def stop(self) -> None:
-        self._stop.set()
+    def stop(self) -> None:
+        """Wake every waiter: the server is stopping."""
         self.ring_all()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     @contextmanager
     def waiting(self, node_id: str) -> Iterator[asyncio.Event]:
@@ -60,9 +45,3 @@ class LoadBell:
         for waiters in self._waiting.values():
             for event in waiters:
                 event.set()
-
-    def _on_notify(self, channel: str, payload: str) -> None:
-        self.ring(payload)
-
-    async def _on_connect(self) -> None:
-        self.ring_all()

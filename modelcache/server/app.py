@@ -20,6 +20,7 @@ from .oci import routes as oci
 from .v1 import admin, api, downloads, imports, nodes, openapi, registry  # noqa: F401 - the API modules declare endpoints
 from .catalog import Catalog
 from .keys import CATALOG, DATABASE, METRICS, NODE_BELL, OPENAPI, SETTINGS, STORE
+from ..db.nodes import LOADS_CHANNEL
 from ..nodes.bell import LoadBell
 from ..nodes.registry import expire_forever
 from .errors import errors_middleware
@@ -42,7 +43,8 @@ def create_app(settings: Settings, db: Database) -> web.Application:
     app.cleanup_ctx.append(_access_log_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_catalog_ctx)
-    app[NODE_BELL] = LoadBell(db)
+    app[NODE_BELL] = LoadBell()
+    app[CATALOG].listen(LOADS_CHANNEL, app[NODE_BELL].ring, app[NODE_BELL].ring_all)
     app.cleanup_ctx.append(_nodes_ctx)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
@@ -79,14 +81,13 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _nodes_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Wake long-polling nodes (LISTEN), and fail loads whose node went silent (nodes.loading_timeout)."""
-    await app[NODE_BELL].start()
+    """Fail loads whose node went silent (nodes.loading_timeout); wake long-polling nodes at the end."""
     stop = asyncio.Event()
     task = asyncio.create_task(expire_forever(app[DATABASE], app[SETTINGS], stop), name="node-load-timeouts")
     yield
     stop.set()
     await asyncio.gather(task, return_exceptions=True)
-    await app[NODE_BELL].stop()
+    app[NODE_BELL].stop()
 
 
 async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -83,6 +83,9 @@ class Catalog:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._followers: list[Callable[[list[str] | None], Awaitable[None]]] = []
+        # other channels on the same LISTEN connection: channel -> what to call on a notification
+        self._channels: dict[str, Callable[[str], None]] = {}
+        self._on_reconnect: list[Callable[[], None]] = []
         self._token_refresh = token_refresh
         self._blob_refresh = blob_refresh
         self._access_flush = access_flush
@@ -96,13 +99,20 @@ class Catalog:
         """Load everything (the database must be up), then follow changes in the background."""
         await self.reload()
         self._tasks = [
-            asyncio.create_task(self._db.listen([BLOBS_CHANNEL, TOKENS_CHANNEL], self._on_notify,
+            asyncio.create_task(self._db.listen([BLOBS_CHANNEL, TOKENS_CHANNEL, *self._channels], self._on_notify,
                                                 self._on_connect, self._stop), name="catalog-listen"),
             asyncio.create_task(self._apply_changes(), name="catalog-changes"),
             asyncio.create_task(self._every(self._token_refresh, self._reload_tokens), name="catalog-tokens"),
             asyncio.create_task(self._every(self._blob_refresh, self.catch_up), name="catalog-blobs"),
             asyncio.create_task(self._every(self._access_flush, self.flush_access), name="catalog-access"),
         ]
+
+    def listen(self, channel: str, on_notify: Callable[[str], None], on_reconnect: Callable[[], None]) -> None:
+        """Also hear ``channel`` on the catalog's LISTEN connection (one per process): ``on_notify(payload)``
+        for each notification, ``on_reconnect()`` after each (re)connection, when some may have been missed.
+        Call before :meth:`start`."""
+        self._channels[channel] = on_notify
+        self._on_reconnect.append(on_reconnect)
 
     def follow(self, update: Callable[[list[str] | None], Awaitable[None]]) -> None:
         """Also keep another in-memory view current (the HF index): ``update(digests)`` after blobs
@@ -259,6 +269,8 @@ class Catalog:
 
     async def _on_connect(self) -> None:
         """After each (re)connection of the LISTEN connection: read what was missed meanwhile."""
+        for on_reconnect in self._on_reconnect:
+            on_reconnect()
         try:
             await self._reload_tokens()
             digests = await self.catch_up()
@@ -268,6 +280,9 @@ class Catalog:
             logger.warning("catalog catch-up failed, serving the last view: %s", exc.detail)
 
     def _on_notify(self, channel: str, payload: str) -> None:
+        if channel in self._channels:
+            self._channels[channel](payload)
+            return
         if channel == TOKENS_CHANNEL:
             self._dirty.add("")  # tokens are few: reload them all
         else:
