@@ -399,3 +399,32 @@ async def test_a_long_poll_is_woken_by_a_load_another_process_requests(cache, gg
     status, body = await poll
     assert created and status == 200 and [x["id"] for x in body["loads"]] == [str(load["id"])]
     assert time.monotonic() - made < 1.0
+
+
+async def test_every_nodes_availability_and_load_requests_are_listed_for_readers(cache, gguf_version, make_token):
+    api = await cache()
+    version_id = await version_of(api, await gguf_version())
+    a, b = await register(api, "a"), await register(api, "b")
+    status, first = await api("POST", f"/v1/nodes/{a['node']['id']}/loads", json={"model_version_id": version_id})
+    assert status == 201
+    status, second = await api("POST", f"/v1/nodes/{b['node']['id']}/loads", json={"model_version_id": version_id})
+    status, _ = await api("POST", f"/v1/nodes/{a['node']['id']}/availability", token=a["config"]["token"],
+                          json={"model_version_id": version_id, "status": "available"})
+    reader = await make_token("reader", "watcher")
+    status, held = await api("GET", "/v1/availability", token=reader)
+    assert status == 200
+    assert [(x["node_name"], x["status"]) for x in held["availability"]] == [("a", "available")]
+    status, loads = await api("GET", "/v1/loads", token=reader)
+    assert status == 200 and loads["next_cursor"] is None
+    # newest first; the report moved a's request on
+    assert [(x["id"], x["state"]) for x in loads["loads"]] == [(second["id"], "pending"), (first["id"], "available")]
+    status, pending = await api("GET", "/v1/loads", token=reader, params={"state": "pending"})
+    assert [x["id"] for x in pending["loads"]] == [second["id"]]
+    status, of_a = await api("GET", "/v1/loads", token=reader, params={"node_id": a["node"]["id"], "limit": "1"})
+    assert [x["id"] for x in of_a["loads"]] == [first["id"]] and of_a["next_cursor"] is None
+    status, paged = await api("GET", "/v1/loads", token=reader, params={"limit": "1"})
+    assert [x["id"] for x in paged["loads"]] == [second["id"]] and paged["next_cursor"]
+    status, rest = await api("GET", "/v1/loads", token=reader, params={"limit": "1", "cursor": paged["next_cursor"]})
+    assert [x["id"] for x in rest["loads"]] == [first["id"]]
+    status, _ = await api("GET", "/v1/loads", token=a["config"]["token"])
+    assert status == 403  # a node sees its own requests only (GET /v1/nodes/{id}/loads)

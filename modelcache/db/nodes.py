@@ -9,7 +9,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from .pool import Connection
-from .rows import all_rows, one, page
+from .rows import all_rows, equal, one, page
 
 LOADS_CHANNEL = "modelcache_loads"  # payload: a node id (trigger on node_load_requests)
 OPEN_LOADS = ("pending", "loading")
@@ -178,6 +178,13 @@ async def get_load(conn: Connection, load_id: uuid.UUID) -> dict | None:
 async def loads_of(conn: Connection, node_id: uuid.UUID, states: tuple[str, ...] = OPEN_LOADS) -> list[dict]:
     return await all_rows(conn, _LOAD_SELECT + " WHERE r.node_id = %s AND r.state = ANY(%s) "
                           "ORDER BY r.created_at, r.id", (node_id, list(states)))
+
+
+async def list_loads(conn: Connection, *, state: str | None, node_id: uuid.UUID | None, limit: int,
+                     cursor: str | None) -> tuple[list[dict], str | None]:
+    """Load requests of every node (or one), newest first, one page."""
+    where, params = equal({"r.state": state, "r.node_id": node_id})
+    return await page(conn, _LOAD_SELECT, where, params, "r", limit, cursor, newest_first=True)
 
 
 async def move_load(conn: Connection, load_id: uuid.UUID, from_states: tuple[str, ...], state: str,

@@ -25,6 +25,7 @@ from .types import Limit, Version
 logger = logging.getLogger(__name__)
 
 READERS = ALL_ROLES - {Role.NODE}
+LOAD_STATES = ("pending", "loading", "available", "failed", "cancelled")  # node_load_requests.state
 SELF = MANAGERS | {Role.NODE}  # managers, and a node token for its own node (checked in the handler)
 
 _NAME = MODEL_PATTERN[1:-1]  # a model or vendor name, unanchored
@@ -155,6 +156,18 @@ class LoadOut(BaseModel):
 
 class LoadList(BaseModel):
     loads: list[LoadOut]
+
+
+class LoadPage(BaseModel):
+    loads: list[LoadOut]
+    next_cursor: str | None
+
+
+class LoadsQuery(Query):
+    limit: Limit = 50
+    cursor: str | None = Field(None, max_length=200)
+    state: str | None = Field(None, pattern=f"^({'|'.join(LOAD_STATES)})$")
+    node_id: uuid.UUID | None = None
 
 
 class LoadQuery(Query):
@@ -389,6 +402,12 @@ async def version_availability(call: Call) -> AvailabilityList:
     return AvailabilityList(availability=[availability_out(a) for a in held])
 
 
+@endpoint("GET", "/v1/availability", summary="What every node holds, by model version (the nodes x versions "
+          "grid)", roles=READERS, action="node_availability.list", response=AvailabilityList, tag="nodes")
+async def all_availability(call: Call) -> AvailabilityList:
+    return AvailabilityList(availability=[availability_out(a) for a in await registry.availability(call.db)])
+
+
 # -- load requests ----------------------------------------------------------------------
 
 
@@ -399,6 +418,16 @@ async def list_loads(call: Call) -> LoadList:
     node_id = await _node_id(call, "node_load.list")
     loads = await registry.wait_for_loads(call.db, call.request.app[NODE_BELL], node_id, call.query.wait)
     return LoadList(loads=[load_out(r) for r in loads])
+
+
+@endpoint("GET", "/v1/loads", summary="Load requests of every node (or one), open and ended, newest first",
+          roles=READERS, action="node_load.list", query=LoadsQuery, response=LoadPage, tag="nodes")
+async def list_all_loads(call: Call) -> LoadPage:
+    q: LoadsQuery = call.query
+    async with call.db.connection() as conn:
+        rows, cursor = await node_rows.list_loads(conn, state=q.state, node_id=q.node_id, limit=q.limit,
+                                                  cursor=q.cursor)
+    return LoadPage(loads=[load_out(r) for r in rows], next_cursor=cursor)
 
 
 @endpoint("POST", "/v1/nodes/{node_id}/loads", summary="Ask a node to load a model version (an open request "
