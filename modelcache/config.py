@@ -127,6 +127,8 @@ class SourceSettings:
     token_file: Path | None = None
     # Downloads from this source one process runs at once (the others wait, queued).
     max_concurrent: int = 2
+    # ollama: the account name sent with the token (as its password) to the registry's token realm.
+    username: str | None = None
 
 
 @dataclass(frozen=True)
@@ -295,7 +297,7 @@ _PARSERS: dict[str, dict[str, Callable[[Any], Any]]] = {
     "log": {"format": _choice("text", "json"), "level": _choice("debug", "info", "warning", "error")},
 }
 
-_SOURCE_KEYS = ("kind", "url", "token_env", "token_file", "max_concurrent")
+_SOURCE_KEYS = ("kind", "url", "token_env", "token_file", "max_concurrent", "username")
 
 
 def _source(source_id: str, values: Any, origin: str) -> SourceSettings:
@@ -341,6 +343,15 @@ def _source(source_id: str, values: Any, origin: str) -> SourceSettings:
             extra["max_concurrent"] = _int(1, 64)(values["max_concurrent"])
         except ValueError as exc:
             raise bad("max_concurrent", values["max_concurrent"], str(exc)) from None
+    if "username" in values:
+        username = values["username"]
+        if not isinstance(username, str) or not re.fullmatch(r"[^\s:]{1,255}", username):
+            raise bad("username", username, "expected an account name (no spaces or ':')")
+        if kind != "ollama":
+            raise bad("username", username, "only an ollama source takes one (for its registry's token realm)")
+        if not (token_env or token_file):
+            raise bad("username", username, "needs token_env or token_file naming its password or access token")
+        extra["username"] = username
     return SourceSettings(source_id, kind, url if url.endswith("/") else url + "/", token_env, token_file, **extra)
 
 def load(

@@ -405,13 +405,14 @@ async def test_hub_metadata_redirected_off_the_source_is_refused(
 class Registry:
     """Debian's docker-registry (distribution) on a free 127.0.0.1 port, storage in a temp dir."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, storage: Path | None = None, auth: str = "") -> None:
+        """``storage``: another registry's (default: its own); ``auth``: an ``auth:`` section, YAML."""
         self.port = free_port()
         workdir.mkdir()
         (workdir / "config.yml").write_text(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
-            f"    rootdirectory: {workdir / 'storage'}\n  delete:\n    enabled: false\n"
-            f"http:\n  addr: 127.0.0.1:{self.port}\n")
+            f"    rootdirectory: {storage or workdir / 'storage'}\n  delete:\n    enabled: false\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\n" + auth)
         self._log = open(workdir / "registry.log", "wb")
         self.proc = subprocess.Popen([REGISTRY, "serve", str(workdir / "config.yml")], stdout=self._log,
                                      stderr=subprocess.STDOUT)

@@ -22,8 +22,9 @@ Per kind:
   and the hop policy), and never redirected off the source's origin. Bytes from
   ``{endpoint}/{repo}/resolve/{commit}/{path}``, the commit pinned so every file is of one revision.
 - ``ollama``: the manifest from ``/v2/<ns>/<model>/manifests/<tag>`` (Accept: Docker v2 only, as Ollama
-  asks), after a registry's Bearer challenge (401 → the realm's token → again); the config and layers by
-  digest from ``/v2/<ns>/<model>/blobs/<digest>``.
+  asks), after a registry's Bearer challenge (401 → the realm's token → again: ``registry_auth.py``, which
+  also says where credentials go); the config and layers by digest from ``/v2/<ns>/<model>/blobs/<digest>``
+  with that token, asked for again when the registry answers 401 later in the download.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from ..formats import DOCKER_MANIFEST_V2, load_json_object
 from ..formats.folder import is_hidden
 from ..formats.ollama import MAX_MANIFEST_BYTES, Manifest
 from .policy import HopPolicy
+from .registry_auth import RegistryAuth
 from .sources import ArtifactRef, HubRef, OllamaRef, Source
 from .transfer import Transfer, UpstreamError
 
@@ -91,6 +93,7 @@ class Plan:
     token: str | None  # sent with the file GETs, to the source's own host only
     digest: Digest | None = None  # the artifact digest the upstream declares
     manifest: bytes | None = None  # ollama: the manifest as the registry served it
+    auth: RegistryAuth | None = None  # ollama: the registry's token, asked again when it answers 401
 
     @property
     def total(self) -> int | None:
@@ -272,55 +275,32 @@ async def _ollama(source: Source, ref: OllamaRef, session: aiohttp.ClientSession
                   artifact_type: str | None, settings: DownloadSettings | None) -> Plan:
     if artifact_type not in (None, "ollama"):
         raise InvalidInput(f"an ollama source gives ollama artifacts, not {artifact_type}")
-    configured = source.token()
     url = source.url_of(f"v2/{ref.repository}/manifests/{ref.tag}")
     accept = {"Accept": DOCKER_MANIFEST_V2}  # as Ollama asks: a registry answers the Docker v2 form or 404
-    token = configured
-    try:
-        raw = await _get(session, policy, url, token, accept, MAX_MANIFEST_BYTES, settings)
-    except UpstreamError as exc:
-        if not (exc.challenge or "").lower().startswith("bearer "):
-            raise
-        token = await _registry_token(session, policy, exc.challenge, configured, ref, settings)
-        raw = await _get(session, policy, url, token, accept, MAX_MANIFEST_BYTES, settings)
+    auth = RegistryAuth(session, policy, source, ref.repository, settings)  # a 401 asks its realm for a token
+    raw = await _get(session, policy, url, None, accept, MAX_MANIFEST_BYTES, settings, auth=auth)
     manifest = Manifest.parse(raw, f"{source.id}:{ref}")
     files = tuple(RemoteFile(f"blobs/sha256-{d.digest.hex}", source.url_of(f"v2/{ref.repository}/blobs/{d.digest}"),
                              d.size, d.digest) for d in manifest.blobs)
     digest = Digest(hashlib.sha256(raw).hexdigest())
-    return Plan("ollama", "ollama", files, f"{source.base_url}v2/{ref.repository}/manifests/{ref.tag}", token,
-                digest, raw)
-
-
-async def _registry_token(session: aiohttp.ClientSession, policy: HopPolicy, challenge: str,
-                          configured: str | None, ref: OllamaRef, settings: DownloadSettings | None) -> str:
-    """Docker's token flow: GET the challenge's realm with its service and scope; answers ``{"token": ...}``."""
-    params = dict(re.findall(r'(\w+)="([^"]*)"', challenge[len("Bearer "):]))
-    realm = params.pop("realm", None)
-    if not realm:
-        raise UpstreamError(f"the registry asked for a Bearer token without a realm: {challenge[:200]!r}")
-    params.setdefault("scope", f"repository:{ref.repository}:pull")
-    url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(params)
-    # the configured token goes to the realm only when it is on the source's own host (Transfer's rule)
-    body = await _get_json(session, policy, url, configured, settings)
-    token = body.get("token") or body.get("access_token")
-    if not isinstance(token, str) or not token:
-        raise UpstreamError(f"the registry's token realm {_shown(realm)} answered no token")
-    return token
+    return Plan("ollama", "ollama", files, f"{source.base_url}v2/{ref.repository}/manifests/{ref.tag}", None,
+                digest, raw, auth)
 
 
 # -- small GETs through the guarded session -------------------------------------------------
 
 
 async def _get(session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None,
-               headers: dict[str, str] | None, limit: int, settings: DownloadSettings | None) -> bytes:
-    return (await _get_answer(session, policy, url, token, headers, limit, settings))[0]
+               headers: dict[str, str] | None, limit: int, settings: DownloadSettings | None, *,
+               auth: RegistryAuth | None = None) -> bytes:
+    return (await _get_answer(session, policy, url, token, headers, limit, settings, auth=auth))[0]
 
 
 async def _get_answer(session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None,
                       headers: dict[str, str] | None, limit: int, settings: DownloadSettings | None, *,
-                      own_origin: bool = False) -> tuple[bytes, Mapping[str, str]]:
+                      own_origin: bool = False, auth: RegistryAuth | None = None) -> tuple[bytes, Mapping[str, str]]:
     """The body (at most ``limit`` bytes) and headers of a small GET; ``own_origin``: see HopPolicy.check."""
-    transfer = Transfer(session, policy, url, token, headers, settings=settings, own_origin=own_origin)
+    transfer = Transfer(session, policy, url, token, headers, settings=settings, own_origin=own_origin, auth=auth)
     if (watch := _WATCH.get()) is not None:
         watch.current = transfer
     response = await transfer.open()

@@ -46,7 +46,7 @@ import ssl
 import time
 import urllib.parse
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import aiohttp
 
@@ -146,13 +146,17 @@ class Transfer:
 
     def __init__(self, session: aiohttp.ClientSession, policy: HopPolicy, url: str, token: str | None,
                  headers: dict[str, str] | None = None, *, settings: DownloadSettings | None = None,
-                 budget: Budget | None = None, own_origin: bool = False) -> None:
+                 budget: Budget | None = None, own_origin: bool = False, auth: "RegistryAuthLike | None" = None,
+                 credentials: str | None = None) -> None:
         self.session = session
         self.headers = headers or {}  # sent on every hop (an Accept, for a registry's manifest)
         self.policy = policy
         self.own_origin = own_origin  # redirects only within the configured source's origin (metadata)
         self.url = url
         self.token = token
+        # a registry's token auth (registry_auth.py): its current token is sent, and a 401 asks for another
+        self.auth = auth
+        self.credentials = credentials  # a whole Authorization value instead of the Bearer token (a realm's Basic)
         self.settings = settings or DownloadSettings()
         self.budget = budget or BUDGET
         self.offset = 0  # where the next byte received goes in the file (fetched in parts: bytes done)
@@ -169,7 +173,7 @@ class Transfer:
     def part(self) -> "Transfer":
         """A transfer of a byte range of the same file and version, through the same session."""
         part = Transfer(self.session, self.policy, self.url, self.token, self.headers, settings=self.settings,
-                        budget=self.budget)
+                        budget=self.budget, auth=self.auth, credentials=self.credentials)
         part.validator, part.total = self.validator, self.total
         return part
 
@@ -183,9 +187,11 @@ class Transfer:
         made is asked again, ``downloads.retries`` times, each attempt logged.
         """
         attempt = 0
+        renewed = False
         while True:
+            sent = self.auth.token if self.auth is not None else self.token
             try:
-                response = await self._request(offset, validator, end)
+                response = await self._request(offset, validator, end, sent)
             except _Retryable as exc:
                 attempt += 1
                 self.retries += 1
@@ -202,10 +208,21 @@ class Transfer:
                                _shown(self.url), exc.detail, delay, attempt + 1, self.settings.retries + 1)
                 await asyncio.sleep(delay)
                 continue
+            except UpstreamError as exc:
+                # a registry's challenge (registry_auth.py): a token from its realm, then once more
+                if exc.upstream_status != 401 or self.auth is None or renewed:
+                    if renewed and exc.upstream_status == 401:
+                        raise UpstreamError(f"{exc.detail}, even with a token its realm gave", exc.challenge,
+                                            401) from None
+                    raise
+                renewed = True
+                await self.auth.renew(exc.challenge, sent)
+                continue
             self.retrying = None
             return response
 
-    async def _request(self, offset: int, validator: str | None, end: int | None) -> aiohttp.ClientResponse:
+    async def _request(self, offset: int, validator: str | None, end: int | None,
+                       token: str | None) -> aiohttp.ClientResponse:
         headers = {**self.headers, "Accept-Encoding": "identity"}
         if (offset or end is not None) and validator:
             headers["Range"] = f"bytes={offset}-{end - 1 if end is not None else ''}"
@@ -215,8 +232,11 @@ class Transfer:
         for hop in range(self.policy.max_redirects + 2):
             self.policy.check(url, hop, own_origin=self.own_origin)
             sent = dict(headers)
-            if self.token and self.policy.trusts(url):  # the token goes to the configured source only
-                sent["Authorization"] = f"Bearer {self.token}"
+            if self.policy.trusts(url):  # credentials go to the configured source (or an allowed prefix) only
+                if self.credentials:
+                    sent["Authorization"] = self.credentials
+                elif token:
+                    sent["Authorization"] = f"Bearer {token}"
             try:
                 response = await self.session.get(url, headers=sent, allow_redirects=False)
             except aiohttp.ClientConnectorError as exc:
@@ -321,6 +341,14 @@ class Transfer:
                     raise
                 logger.info("resuming %s from byte %d failed (%s); trying again", _shown(self.url), at,
                             exc.detail)
+
+
+class RegistryAuthLike(Protocol):
+    """What a Transfer needs of :class:`~.registry_auth.RegistryAuth`."""
+
+    token: str | None
+
+    async def renew(self, challenge: str | None, sent: str | None) -> None: ...
 
 
 OnOpen = Callable[[Transfer, bool], Awaitable[None]]

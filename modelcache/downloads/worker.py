@@ -321,7 +321,7 @@ class DownloadWorker:
         # the single-file road (parallel ranged parts, the resume sidecar, retries, the budget) into
         # parts/<n>.partial; bytes a past attempt left of another file (the plan changed) are dropped first
         await asyncio.to_thread(staging.claim_part, index, remote)
-        transfer = Transfer(session, policy, remote.url, plan.token, settings=self.settings.downloads)
+        transfer = Transfer(session, policy, remote.url, plan.token, settings=self.settings.downloads, auth=plan.auth)
         progress.current = transfer
         temp = await fetch(transfer, self.store, staging.part_name(index),
                            on_disk=flight.started if flight is not None else None)

@@ -1,0 +1,261 @@
+"""An ``ollama`` source behind a registry's token auth: Debian's ``docker-registry`` (distribution 2.8)
+configured with ``auth: token``, and a token server on loopback that signs RS256 JWTs with a key whose
+self-signed certificate is the registry's ``rootcertbundle`` (the token's header carries it as ``x5c``).
+
+The registry answers 401 with ``WWW-Authenticate: Bearer realm=...,service=...,scope=...``; we GET the
+realm with Basic credentials from the source's config, and ask again with the token. The realm is on
+another port than the registry, so another origin: the hop policy must allow it by a URL prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from aiohttp import web
+
+from modelcache import config
+from test_download_sources import (REGISTRY, SKOPEO, Registry, artifact_row, download, push_ollama_model,
+                                   sha256, staging_left)
+from test_downloads import allow, bearer, free_port, worker  # noqa: F401
+from test_oci_clients import DOCKER
+
+pytestmark = pytest.mark.registry
+
+SERVICE = "modelcache-test-registry"
+ISSUER = "modelcache-test-issuer"
+USER, PASSWORD = "alice", "s3cret-password-7f1c"
+PASSWORD_ENV = "MC_TEST_REGISTRY_PASSWORD"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenServer:
+    """A distribution token server on loopback: Basic credentials in, ``{"token": <RS256 JWT>}`` out.
+
+    The key and its self-signed certificate are made with openssl; the certificate is the registry's
+    rootcertbundle and rides in each token's ``x5c`` header (distribution verifies the chain to it)."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.key, self.cert = workdir / "token.key", workdir / "token.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key),
+                        "-out", str(self.cert), "-subj", "/CN=modelcache test token issuer", "-days", "2"],
+                       check=True, capture_output=True, timeout=60)
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"], check=True,
+                             capture_output=True, timeout=30).stdout
+        self.x5c = base64.b64encode(der).decode()
+        self.port = free_port()
+        self.issued: list[str] = []  # every token handed out, to look for in logs and rows
+        self.asked: list[dict] = []  # each request's query and whether its credentials were right
+        self.first_lifetime = 300  # seconds the first token lasts (distribution allows 60 more: its Leeway)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def realm(self) -> str:
+        return f"http://127.0.0.1:{self.port}/token"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/token", self.token)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def token(self, request: web.Request) -> web.Response:
+        expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        right = request.headers.get("Authorization") == expected
+        self.asked.append({**request.query, "right": right})
+        if not right:
+            return web.json_response({"details": "incorrect username or password"}, status=401)
+        scope = request.query.get("scope", "")
+        access = []
+        if scope.startswith("repository:"):
+            _, name, actions = scope.split(":")
+            access = [{"type": "repository", "name": name, "actions": actions.split(",")}]
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}
+        claims = {"iss": ISSUER, "sub": USER, "aud": request.query.get("service"), "exp": now + (300 if self.issued else self.first_lifetime),
+                  "nbf": now - 10, "iat": now, "jti": uuid.uuid4().hex, "access": access}
+        signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
+        proc = await asyncio.create_subprocess_exec("openssl", "dgst", "-sha256", "-sign", str(self.key),
+                                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        signature, _ = await proc.communicate(signing_input.encode())
+        assert proc.returncode == 0
+        jwt = f"{signing_input}.{b64url(signature)}"
+        self.issued.append(jwt)
+        return web.json_response({"token": jwt, "expires_in": 300})
+
+
+@pytest.fixture
+async def token_registry(tmp_path):
+    """The pushed Ollama model, in a registry that wants tokens from a TokenServer."""
+    if REGISTRY is None or SKOPEO is None:
+        pytest.skip("Debian's docker-registry and skopeo are needed (apt-get install docker-registry skopeo)")
+    plain = await asyncio.to_thread(Registry, tmp_path / "plain")
+    try:
+        manifest, blobs = await asyncio.to_thread(push_ollama_model, plain, tmp_path)
+    finally:
+        await asyncio.to_thread(plain.stop)
+    tokens = TokenServer(tmp_path / "tokens")
+    await tokens.start()
+    auth = (f"auth:\n  token:\n    realm: {tokens.realm}\n    service: {SERVICE}\n    issuer: {ISSUER}\n"
+            f"    rootcertbundle: {tokens.cert}\n")
+    # the same storage, now served by a registry that wants tokens
+    server = await asyncio.to_thread(Registry, tmp_path / "authed", tmp_path / "plain" / "storage", auth)
+    yield server, tokens, manifest, blobs
+    await asyncio.to_thread(server.stop)
+    await tokens.stop()
+
+
+def source_settings(tmp_path: Path, dsn: str, registry_port: int, username: str | None = USER) -> config.Settings:
+    lines = ["[sources.registry]", 'kind = "ollama"', f'url = "http://127.0.0.1:{registry_port}"',
+             f'token_env = "{PASSWORD_ENV}"']
+    if username:
+        lines.append(f'username = "{username}"')
+    lines += ["", "[downloads]", "poll_seconds = 0.2", "read_timeout = 5", "retries = 0"]
+    path = tmp_path / "modelcache.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return config.load(path, env={}, overrides={"storage.data_dir": str(tmp_path / "data"), "database.dsn": dsn})
+
+
+def download_row(dsn: str, download_id: str) -> str:
+    """Every column of the download's row, as text."""
+    with psycopg.connect(dsn) as conn:
+        return str(conn.execute("SELECT to_jsonb(d)::text FROM model_downloads d WHERE id = %s",
+                                (download_id,)).fetchone())
+
+
+async def test_a_registry_behind_token_auth_is_downloaded_with_a_token_from_its_realm(
+        token_registry, tmp_path, start_server, worker, db, dsn, http, make_token, monkeypatch, caplog):
+    registry, tokens, manifest, blobs = token_registry
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    # the registry wants a token: a plain GET is challenged with the realm, service and scope
+    async with http.get(f"http://127.0.0.1:{registry.port}/v2/library/tiny/manifests/1",
+                        headers={"Accept": DOCKER}) as r:
+        assert r.status == 401
+        challenge = r.headers["WWW-Authenticate"]
+    assert challenge.startswith(f'Bearer realm="{tokens.realm}",service="{SERVICE}"'), challenge
+    assert 'scope="repository:library/tiny:pull"' in challenge
+
+    settings = source_settings(tmp_path, dsn, registry.port)
+    server = await start_server(settings)
+    await worker(settings)
+    admin = await make_token("admin")
+
+    # the realm is another origin on loopback: refused by the hop policy until a URL prefix allows it
+    await allow(db, "registry")
+    job = await download(http, server, admin, source="registry", reference="tiny:1", model="tiny", version="1")
+    assert job["state"] == "failed", job
+    assert "token_realm" in job["error"] and f"127.0.0.1:{tokens.port}/token" in job["error"], job["error"]
+    assert tokens.asked == []  # the credentials never left
+
+    await allow(db, "registry", f"http://127.0.0.1:{tokens.port}/")
+    job = await download(http, server, admin, source="registry", reference="tiny:1", model="tiny", version="2")
+    assert job["state"] == "completed", job
+    assert job["digest"] == sha256(manifest)
+    assert tokens.asked and all(a["right"] for a in tokens.asked)
+    assert {(a["service"], a["scope"]) for a in tokens.asked} == {(SERVICE, "repository:library/tiny:pull")}
+    row, files = artifact_row(dsn, job["digest"])
+    assert row["artifact_type"] == "ollama"
+    assert files == {"manifest": (sha256(manifest), len(manifest)),
+                     **{f"blobs/sha256-{d[7:]}": (d, len(data)) for d, data in blobs.items()}}
+
+    # what ollama pull asks of us: the manifest (Docker v2 only) and every blob, byte for byte
+    node = await make_token("node")
+    async with http.get(server.make_url("/v2/library/tiny/manifests/2"),
+                        headers={**bearer(node), "Accept": DOCKER}) as r:
+        assert r.status == 200, await r.text()
+        assert await r.read() == manifest
+    for digest, data in blobs.items():
+        async with http.get(server.make_url(f"/v2/library/tiny/blobs/{digest}"), headers=bearer(node)) as r:
+            assert r.status == 200 and await r.read() == data
+    assert staging_left(settings.data_dir) == []
+
+    # neither the tokens nor the password are in our logs or the download rows
+    assert tokens.issued
+    secrets = [*tokens.issued, PASSWORD, base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()]
+    logged = caplog.text
+    assert "a token for repository:library/tiny:pull from the realm" in logged
+    for secret in secrets:
+        assert secret not in logged
+        for part in secret.split("."):  # nor a piece of a JWT (its header, claims or signature)
+            if len(part) > 40:
+                assert part not in logged
+    with psycopg.connect(dsn) as conn:
+        rows = str(conn.execute("SELECT to_jsonb(d)::text FROM model_downloads d").fetchall())
+        audit = str(conn.execute("SELECT to_jsonb(a)::text FROM model_audit_log a").fetchall())
+    for secret in secrets:
+        assert secret not in rows and secret not in audit
+
+
+async def test_a_wrong_registry_password_fails_the_download_naming_the_realms_answer(
+        token_registry, tmp_path, start_server, worker, db, dsn, http, make_token, monkeypatch, caplog):
+    registry, tokens, manifest, _ = token_registry
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv(PASSWORD_ENV, "not-the-password-42")
+    settings = source_settings(tmp_path, dsn, registry.port)
+    server = await start_server(settings)
+    await worker(settings)
+    await allow(db, "registry", f"http://127.0.0.1:{tokens.port}/")
+    admin = await make_token("admin")
+
+    job = await download(http, server, admin, source="registry", reference="tiny:1", model="tiny", version="1")
+    assert job["state"] == "failed", job
+    error = job["error"]
+    assert "token realm refused to give a token as alice (sources.registry)" in error, error
+    assert f"http://127.0.0.1:{tokens.port}/token answered 401 Unauthorized" in error, error
+    assert tokens.asked and not any(a["right"] for a in tokens.asked)
+    assert tokens.issued == []
+    assert "not-the-password-42" not in caplog.text and "not-the-password-42" not in download_row(dsn, job["id"])
+    assert staging_left(settings.data_dir) == []
+
+
+def test_a_username_needs_a_password_and_an_ollama_source(tmp_path):
+    def load(table: str) -> config.Settings:
+        path = tmp_path / "c.toml"
+        path.write_text(table)
+        return config.load(path, env={}, overrides={"storage.data_dir": str(tmp_path / "data")})
+
+    with pytest.raises(config.ConfigError, match="needs token_env or token_file"):
+        load('[sources.r]\nkind = "ollama"\nurl = "https://registry.example"\nusername = "alice"\n')
+    with pytest.raises(config.ConfigError, match="only an ollama source takes one"):
+        load('[sources.r]\nkind = "http"\nurl = "https://x.example"\ntoken_env = "T"\nusername = "alice"\n')
+    ok = load('[sources.r]\nkind = "ollama"\nurl = "https://registry.example"\ntoken_env = "T"\nusername = "alice"\n')
+    assert ok.sources["r"].username == "alice"
+
+
+async def test_a_token_that_expires_mid_download_is_asked_for_again(
+        token_registry, tmp_path, start_server, worker, db, dsn, http, make_token, monkeypatch):
+    """Docker Hub's tokens last five minutes, a layer may take hours: a 401 later in the download (the
+    next file, a part, a resume) asks the realm again instead of failing the download."""
+    registry, tokens, manifest, blobs = token_registry
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    tokens.first_lifetime = 2 - 60  # distribution accepts it for 60 s past its exp: two seconds from now
+    settings = source_settings(tmp_path, dsn, registry.port)
+    # 4 KiB/s: the model layer (16 KiB) takes about four seconds, so the files after it outlive the token
+    settings = config.load(tmp_path / "modelcache.toml", env={}, overrides={
+        "storage.data_dir": str(tmp_path / "data"), "database.dsn": dsn, "downloads.max_bytes_per_second": 4096})
+    server = await start_server(settings)
+    await worker(settings)
+    await allow(db, "registry", f"http://127.0.0.1:{tokens.port}/")
+    admin = await make_token("admin")
+    job = await download(http, server, admin, source="registry", reference="tiny:1", model="tiny", version="1")
+    assert job["state"] == "completed", job
+    assert job["digest"] == sha256(manifest)
+    assert len(tokens.issued) >= 2, tokens.asked  # the first expired; the registry's 401 got a second
