@@ -12,7 +12,7 @@ from .. import logs
 from ..config import Settings
 from ..db import Database
 from ..store import BlobStore
-from . import health
+from . import health, ui
 from .blobs import denials
 from .blobs import serve as blobs
 from .hf import routes as hf
@@ -55,6 +55,7 @@ def create_app(settings: Settings, db: Database) -> web.Application:
     api.add_routes(app)
     hf.setup(app)  # the Hugging Face mirror under /hf
     oci.setup(app)  # the OCI pull API under /v2, for Ollama and registry clients
+    ui.setup(app)  # the dashboard under /ui
     return app
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -59,13 +59,14 @@ class Call:
     subject: Subject
     body: Any = None
     query: Any = None
+    params: Mapping[str, str] | None = None  # the path's parameters; None: the request's own (match_info)
 
     @property
     def db(self):
         return self.request.app[DATABASE]
 
     def param(self, name: str) -> str:
-        return self.request.match_info[name]
+        return (self.params if self.params is not None else self.request.match_info)[name]
 
 
 Handler = Callable[[Call], Awaitable[Any]]
@@ -108,6 +109,50 @@ def add_routes(app: web.Application) -> None:
         app.router.add_route(ep.method, ep.path, _wrap(ep))
 
 
+def endpoint_for(handler: Handler) -> Endpoint:
+    """The declaration of ``handler`` (e.g. ``registry.promote``): how the dashboard finds what it invokes."""
+    for ep in ENDPOINTS:
+        if ep.handler is handler:
+            return ep
+    raise LookupError(f"{handler.__qualname__} is not a declared /v1 endpoint")
+
+
+def allows(ep: Endpoint, subject: Subject) -> bool:
+    """Whether ``subject``'s role may call ``ep`` (the dashboard offers only the actions this allows)."""
+    return subject.role in ep.roles
+
+
+async def invoke(ep: Endpoint, request: web.Request, subject: Subject, *,
+                 body: Any | Callable[[], Awaitable[Any]] = None, query: Mapping[str, Any] | None = None,
+                 params: Mapping[str, str] | None = None) -> Any:
+    """Run ``ep`` for an authenticated ``subject``: the one road of every ``/v1`` action, whether the API, the
+    CLI (through the API) or the dashboard asks.
+
+    The role is checked (a denial is audited and raised as Forbidden, 403), ``query`` and ``body`` are
+    parsed into the endpoint's models (ValidationProblem, 422, naming the field) and the handler's result
+    is returned as it made it. ``body`` may be a coroutine function giving the decoded JSON: it is awaited
+    only once the role check passed, so a caller who may not call never has their body read. ``params``
+    are the path's parameters (default: the request's own).
+    """
+    if not allows(ep, subject):
+        await _audit_denial(request, subject, ep, f"role {subject.role.value if subject.role else 'none'} "
+                            f"may not {ep.action}")
+        raise Forbidden(f"{ep.action} needs role {' or '.join(sorted(r.value for r in ep.roles))}; "
+                        f"{subject} has {subject.role.value if subject.role else 'none'}")
+    call = Call(request, subject, params=params)
+    if ep.query is not None:
+        call.query = _parse(ep.query, dict(query or {}), "query parameter")
+    elif query:
+        raise ValidationProblem(f"unknown query parameter {next(iter(query))!r}")
+    if callable(body):
+        body = await body()
+    if ep.body is not None and body is None and ep.body_optional:
+        call.body = ep.body()
+    elif ep.body is not None:
+        call.body = _parse(ep.body, body, "field")
+    return await ep.handler(call)
+
+
 def _wrap(ep: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
@@ -115,21 +160,13 @@ def _wrap(ep: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]
         except Unauthorized as exc:
             await _audit_denial(request, Subject("anonymous", request.remote), ep, exc.detail)
             raise
-        if subject.role not in ep.roles:
-            await _audit_denial(request, subject, ep, f"role {subject.role.value if subject.role else 'none'} "
-                                f"may not {ep.action}")
-            raise Forbidden(f"{ep.action} needs role {' or '.join(sorted(r.value for r in ep.roles))}; "
-                            f"{subject} has {subject.role.value if subject.role else 'none'}")
-        call = Call(request, subject)
-        if ep.query is not None:
-            call.query = _parse(ep.query, _query_dict(request), "query parameter")
-        elif request.query:
-            raise ValidationProblem(f"unknown query parameter {next(iter(request.query))!r}")
-        if ep.body is not None and ep.body_optional and not request.can_read_body:
-            call.body = ep.body()
-        elif ep.body is not None:
-            call.body = _parse(ep.body, await _json_body(request), "field")
-        result = await ep.handler(call)
+
+        async def body() -> Any:
+            if ep.body is None or (ep.body_optional and not request.can_read_body):
+                return None
+            return await _json_body(request)
+
+        result = await invoke(ep, request, subject, body=body, query=_query_dict(request))
         if isinstance(result, web.StreamResponse):
             return result
         return web.json_response(_dump(result), status=ep.status, dumps=_dumps)
