@@ -26,7 +26,7 @@ from ..keys import CATALOG
 from . import session as sessions
 from .pages import ROUTES, audit_event, form, render, see_other, signed_in
 from . import filters
-from . import overview, models, audit, policy  # noqa: F401 - each registers its routes
+from . import overview, models, downloads, nodes, audit, policy  # noqa: F401 - each registers its routes
 
 HERE = Path(__file__).parent
 

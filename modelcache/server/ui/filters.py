@@ -40,5 +40,17 @@ def ago(t: dt.datetime | None, now: dt.datetime | None = None) -> str:
     return f"{int(seconds // 86400)} d ago"
 
 
+def duration(seconds: Any) -> str:
+    """A span of time ahead, roughly: '8 s', '4 min 10 s', '2 h 5 min'."""
+    if seconds is None:
+        return "—"
+    s = max(0, int(round(float(seconds))))
+    if s < 90:
+        return f"{s} s"
+    if s < 5400:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
 def install(env: jinja2.Environment) -> None:
-    env.filters.update(size=size, when=when, ago=ago)
+    env.filters.update(size=size, when=when, ago=ago, duration=duration)
