@@ -61,6 +61,7 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True, fet
     (downloads only), until SIGTERM/SIGINT."""
     from .server.access import connection_options
     from .server.app import create_app
+    from .server.protocol import Runner
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -71,8 +72,8 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True, fet
         await migrate(db)
         runner = None
         if serve:
-            runner = web.AppRunner(create_app(settings, db), handle_signals=False, shutdown_timeout=5,
-                                   **connection_options(settings))
+            runner = Runner(create_app(settings, db), handle_signals=False, shutdown_timeout=5,
+                            **connection_options(settings))
             await runner.setup()
             site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
             await site.start()

@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
 
 from modelcache import config
 from modelcache.auth import Role, Subject
@@ -29,6 +30,7 @@ from modelcache.db import Database
 from modelcache.db.migrate import migrate
 from modelcache.imports import ImportRequest, import_path
 from modelcache.server.access import connection_options
+from modelcache.server.protocol import Runner
 from modelcache.server.app import create_app
 from modelcache.server.keys import CATALOG
 from modelcache.store import BlobStore
@@ -235,18 +237,28 @@ def make_token(db, running_apps):
     return make
 
 
+class _TestServer(TestServer):
+    """aiohttp's test server with the connections ``modelcache serve`` has (server/protocol.py)."""
+
+    async def _make_runner(self, **kwargs) -> Runner:
+        return Runner(self.app, **kwargs)
+
+
 @pytest.fixture
-def start_server(aiohttp_server, db, running_apps):
+async def start_server(db, running_apps):
     """Start the real app for some settings on a loopback port."""
     started = []
 
     async def start(settings: config.Settings):
-        srv = await aiohttp_server(create_app(settings, db), **connection_options(settings))
+        srv = _TestServer(create_app(settings, db), host="127.0.0.1")
+        await srv.start_server(**connection_options(settings))
         running_apps.append(srv.app)
         started.append(srv)
         return srv
 
     yield start
+    while started:
+        await started.pop().close()
 
 
 @pytest.fixture

@@ -5,11 +5,12 @@ and the keep-alive bound on connections that send no whole request."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import BaseRequest, StreamResponse
+from yarl import URL  # aiohttp's URLs
 
 from ..config import Settings
 from ..auth import Subject
@@ -18,8 +19,6 @@ from ..logs import deferred_info, printable
 from .blobs.ranges import ByteRange
 from .keys import DIGEST, RANGE, SENT, SUBJECT
 
-if TYPE_CHECKING:
-    from yarl import URL  # request.rel_url's type (aiohttp's dependency)
 
 logger = logging.getLogger("modelcache.access")
 
@@ -58,9 +57,7 @@ _QUIET = ("/healthz", "/readyz", "/metrics")
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request. Its fields are gathered here and the line is formatted when the log
-    buffer is written (logs.deferred_info): a HEAD takes tens of µs, so the f-string, the
-    path's rendering and the control-character check are done in batches, off the request."""
+    """aiohttp's access logger: one :func:`log_request` line per request it answered."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         status = response.status
@@ -68,24 +65,38 @@ class AccessLogger(AbstractAccessLogger):
             return
         method = request.method
         sent = 0 if method == "HEAD" else request.get(SENT, response.body_length)
-        deferred_info(logger, _line, (request.remote, method, request.rel_url, status, request.get(SUBJECT),
-                                      request.get(DIGEST), request.get(RANGE), sent, time))
+        log_request(request.remote, method, request.rel_url, status, request.get(SUBJECT), request.get(DIGEST),
+                    request.get(RANGE), sent, time)
 
     @property
     def enabled(self) -> bool:
-        return logger.isEnabledFor(logging.INFO)
+        return logging_requests()
 
 
-def _line(fields: tuple[str | None, str, URL, int, Subject | None, Digest | None, ByteRange | None, int, float]
-          ) -> str:
+def logging_requests() -> bool:
+    return logger.isEnabledFor(logging.INFO)
+
+
+def log_request(remote: str | None, method: str, target: URL | str, status: int, subject: Subject | None,
+                digest: Digest | None, byte_range: ByteRange | None, sent: int, seconds: float) -> None:
+    """One line per request (who, what, which digest and range, status, bytes, time), for aiohttp's
+    answers and protocol.py's alike. Its fields are kept and the line is formatted when the log buffer
+    is written (logs.deferred_info): a HEAD takes tens of µs, so the f-string, the target's rendering
+    and the control-character check are done in batches, off the request. Call it only when
+    :func:`logging_requests`."""
+    deferred_info(logger, _line, (remote, method, target, status, subject, digest, byte_range, sent, seconds))
+
+
+def _line(fields: tuple[str | None, str, URL | str, int, Subject | None, Digest | None, ByteRange | None, int,
+                        float]) -> str:
     # the path is the client's: logs.py escapes control characters where lines are written
-    remote, method, url, status, subject, digest, byte_range, sent, seconds = fields
-    return (f"{remote} {method} {_redacted(url)} {status} who={subject or '-'} digest={digest or '-'} "
+    remote, method, target, status, subject, digest, byte_range, sent, seconds = fields
+    return (f"{remote} {method} {_redacted(str(target))} {status} who={subject or '-'} digest={digest or '-'} "
             f"range={byte_range or '-'} bytes={sent} {seconds * 1000:.1f}ms")
 
 
-def _redacted(url: URL) -> str:
+def _redacted(target: str) -> str:
     """The path and query, with a signed URL's signature left out: whoever reads logs must not reuse it."""
-    if "signature" not in url.query_string:
-        return str(url)
-    return str(url.update_query(signature="REDACTED"))
+    if "signature" not in target.partition("?")[2]:
+        return target
+    return str(URL(target).update_query(signature="REDACTED"))

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ..auth import Subject, secret_sha256
 from ..errors import Unauthorized
-from .catalog import TokenEntry
+from .catalog import Catalog, TokenEntry
 from .keys import CATALOG, SETTINGS, SUBJECT
 
 # What the Authorization headers seen last resolved to: a client sends the same header with every
@@ -49,10 +49,16 @@ def authenticate(request: web.Request, *, basic: bool = False) -> Subject:
         if basic:
             raise Unauthorized("credentials are required: a token as Bearer or as the password of HTTP Basic auth")
         raise Unauthorized("a Bearer token is required (Authorization: Bearer <token>)")
+    request[SUBJECT] = subject = token_holder(request.app[CATALOG], header, basic=basic)
+    return subject
+
+
+def token_holder(catalog: Catalog, header: str, *, basic: bool = False) -> Subject:
+    """The subject of an ``Authorization`` header's token, from the catalog; raises Unauthorized."""
     seen = _seen.get(header)
     if seen is None or (seen.basic and not basic):
         seen = _parse(header, basic)
-    entry = request.app[CATALOG].token(seen.token_sha256)
+    entry = catalog.token(seen.token_sha256)
     if entry is None:
         raise Unauthorized("unknown or revoked token")
     if entry.expires_at is not None and entry.expired(dt.datetime.now(dt.timezone.utc)):
@@ -61,7 +67,6 @@ def authenticate(request: web.Request, *, basic: bool = False) -> Subject:
     if seen.entry is not entry or subject is None:
         subject = seen.subject = Subject("token", entry.name, entry.role, entry.node_id)
         seen.entry = entry
-    request[SUBJECT] = subject
     return subject
 
 

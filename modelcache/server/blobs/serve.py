@@ -62,7 +62,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 
 
 @functools.lru_cache(maxsize=4096)
-def _blob_headers(digest: Digest, size: int) -> Mapping[str, str]:
+def blob_headers(digest: Digest, size: int) -> Mapping[str, str]:
     """The headers of a whole-blob answer, which never change for a digest: built once per blob
     (a client pulling a blob asks for it again and again, a HEAD before each GET)."""
     return MappingProxyType({
@@ -82,7 +82,7 @@ async def send_blob(request: web.Request, digest: Digest, size: int,
     ``extra_headers`` go on every answer (200, 206, 304, 416) and may replace the defaults; an
     ``ETag`` given there is the one ``If-None-Match`` and ``If-Range`` are compared with.
     """
-    response = web.StreamResponse(headers=_blob_headers(digest, size))
+    response = web.StreamResponse(headers=blob_headers(digest, size))
     headers = response.headers
     if extra_headers:
         headers.update(extra_headers)
