@@ -148,3 +148,140 @@ async def test_every_post_under_ui_checks_csrf(server):
     posts = {r.resource.canonical for r in server.app.router.routes()
              if r.method == "POST" and r.resource.canonical.startswith("/ui")}
     assert posts - forms == {"/ui/signin"}  # the one form posted before there is a session
+
+
+# -- pages and actions, by role ------------------------------------------------------------------------
+
+PAGES = ("/ui/", "/ui/models", "/ui/audit", "/ui/policy")
+
+
+@pytest.fixture
+async def staging(db):
+    """Imports stay staged (models.import.auto_promote false), so there is something to promote."""
+    from modelcache import preferences
+    from modelcache.auth import Subject
+    await preferences.set_preference(db, "models.import.auto_promote", False, Subject.local())
+
+
+@pytest.mark.parametrize("role", ["admin", "operator", "reader"])
+async def test_every_page_renders_for_every_role(role, staging, browser, make_token, make_artifact, make_file, settings):
+    staged = await make_artifact(make_file(prefix=b"GGUF"), model="tiny", version="1")
+    failed = settings.import_dir / ".failed"
+    failed.mkdir(parents=True)
+    (failed / "broken.gguf.error.json").write_text('{"file": "broken.gguf", "reason": "unreadable", '
+                                                   '"error": "not a GGUF file", "time": "2026-01-01T00:00:00+00:00"}')
+    (settings.import_dir / "arriving.gguf").write_bytes(b"GGUF" + b"\0" * 100)
+    b = browser()
+    await b.sign_in(await make_token(role, name=f"pat-{role}"))
+    for path in PAGES:
+        status, text, headers = await b.get(path)
+        assert status == 200, (path, text)
+        assert f"pat-{role}" in text and headers["Content-Type"].startswith("text/html")
+    _, overview, _ = await b.get("/ui/")
+    assert "broken.gguf" in overview and "not a GGUF file" in overview and "arriving.gguf" in overview
+    assert "Ready: the database answers" in overview
+    _, models, _ = await b.get("/ui/models")
+    assert str(staged.digest)[:19] in models
+    manager = role in ("admin", "operator")
+    assert (f"/ui/models/{staged.artifact_id}/promote" in models) is manager
+    _, audit_page, _ = await b.get("/ui/audit")
+    assert ("needs the admin or operator role" in audit_page) is not manager
+    _, policy_page, _ = await b.get("/ui/policy")
+    assert ('action="/ui/policy/models.cache.max_bytes"' in policy_page) is (role == "admin")
+
+
+async def test_an_operator_promotes_through_the_page_and_a_reader_is_refused(staging, browser, make_token, make_artifact,
+                                                                              make_file, db, server, http):
+    staged = await make_artifact(make_file(prefix=b"GGUF"), model="tiny", version="1")
+    reader, operator = browser(), browser()
+    await reader.sign_in(await make_token("reader", name="rita"))
+    await operator.sign_in(await make_token("operator", name="otto"))
+
+    # the reader forges the confirmed form: refused by the /v1 endpoint's own role check, and audited
+    status, text, _ = await reader.post(f"/ui/models/{staged.artifact_id}/promote", {"back": "/ui/models"})
+    assert status == 403 and "model_artifact.promote needs role admin or operator" in text
+    denied = await audit_rows(db, "model_artifact.promote")
+    assert [(r["decision"], r["subject_id"]) for r in denied] == [("deny", "rita")]
+    status, text, _ = await reader.get(f"/ui/models/{staged.artifact_id}/promote")
+    assert status == 200 and "may not promote" in text and 'id="confirm"' not in text
+
+    status, text, _ = await operator.get(f"/ui/models/{staged.artifact_id}/promote?back=/ui/models")
+    assert status == 200 and 'id="confirm"' in text
+    status, _, headers = await operator.post(f"/ui/models/{staged.artifact_id}/promote", {"back": "/ui/models"})
+    assert status == 303 and headers["Location"] == "/ui/models"
+    _, text, _ = await operator.get("/ui/models")
+    assert f"Promoted tiny:1 ({staged.digest})" in text
+    rows = await audit_rows(db, "model_artifact.promote")
+    assert [(r["decision"], r["subject_id"]) for r in rows] == [("deny", "rita"), ("allow", "otto")]
+    async with http.get(server.make_url(f"/v1/artifacts/{staged.digest}"),
+                        headers=bearer(await make_token("reader"))) as r:
+        assert (await r.json())["state"] == "promoted"
+    # pull instructions for the promoted artifact, from the one rule (selection.artifact_pull)
+    _, text, _ = await operator.get(f"/ui/models/{staged.artifact_id}")
+    assert f"/v1/blobs/{staged.digest}" in text and "ollama pull --insecure 127.0.0.1:" in text
+
+    for action in ("pin", "unpin", "verify", "evict"):
+        status, _, _ = await operator.post(f"/ui/models/{staged.artifact_id}/{action}", {})
+        assert status == 303, action
+    _, text, _ = await operator.get("/ui/models?state=evicted")
+    assert "Evicted tiny:1" in text and 'data-state="evicted"' in text
+
+
+async def test_models_filters(browser, make_token, make_artifact, make_file, db):
+    from modelcache import preferences
+    from modelcache.auth import Subject
+    await make_artifact(make_file(gguf=True), model="alpha", version="1")
+    await preferences.set_preference(db, "models.import.auto_promote", False, Subject.local())
+    await make_artifact(make_file(prefix=b"GGUF"), model="beta", version="2")
+    b = browser()
+    await b.sign_in(await make_token("reader"))
+    _, text, _ = await b.get("/ui/models?q=alp")
+    assert "alpha:1" in text and "beta:2" not in text
+    _, text, _ = await b.get("/ui/models?state=staged")
+    assert "beta:2" in text and "alpha:1" not in text
+    _, text, _ = await b.get("/ui/models?type=safetensors")
+    assert "No artifacts match these filters" in text
+
+
+async def test_policy_edit_and_a_stale_edit_is_refused_with_the_current_value(browser, make_token, db):
+    first, second = browser(), browser()
+    await first.sign_in(await make_token("admin", name="ann"))
+    await second.sign_in(await make_token("admin", name="ben"))
+    key = "models.cache.max_bytes"
+    await second.get("/ui/policy")  # both read version 0
+    status, _, _ = await first.post(f"/ui/policy/{key}", {"value": "5000", "expected_version": "0",
+                                                          "reason": "small disk"})
+    assert status == 303
+    _, text, _ = await first.get("/ui/policy")
+    assert f"{key} is now 5000 (version 1)" in text and "small disk" in text
+    status, text, _ = await second.post(f"/ui/policy/{key}", {"value": "9000", "expected_version": "0"})
+    assert status == 409 and "It is now 5000 (version 1, set by token:ann)" in text
+    status, text, _ = await second.post(f"/ui/policy/{key}", {"value": "lots", "expected_version": "1"})
+    assert status == 400 and "expected a whole number" in text
+    rows = await audit_rows(db, "preference.update")
+    assert [(r["decision"], r["subject_id"]) for r in rows] == [("allow", "ann")]
+
+
+async def test_a_forged_policy_edit_by_an_operator_is_refused(browser, make_token, db):
+    b = browser()
+    await b.sign_in(await make_token("operator", name="olga"))
+    _, text, _ = await b.get("/ui/policy")
+    assert "<form method=\"post\" action=\"/ui/policy/" not in text
+    status, text, _ = await b.post("/ui/policy/models.import.auto_promote", {"value": "false"})
+    assert status == 403 and "preference.update needs role admin" in text
+    assert [(r["decision"], r["subject_id"]) for r in await audit_rows(db, "preference.update")] == [("deny", "olga")]
+
+
+async def test_audit_filters_and_pages(browser, make_token):
+    b = browser()
+    await b.sign_in(await make_token("admin", name="dora"))
+    for _ in range(3):
+        assert (await browser().sign_in("mc_nope"))[0] == 401
+    _, text, _ = await b.get("/ui/audit?action=ui_session.create&decision=deny")
+    assert text.count('class="decision-deny"') == 3 and "decision-allow" not in text
+    _, text, _ = await b.get("/ui/audit?subject=token:dora")
+    assert text.count("<tr class=\"decision-") == 1
+    _, text, _ = await b.get("/ui/audit?since=2000-01-01T00:00&until=2000-01-02T00:00")
+    assert "No events match" in text
+    _, text, _ = await b.get("/ui/audit?decision=maybe")
+    assert "query parameter &#39;decision&#39;" in text

@@ -56,3 +56,15 @@ async def preference_audit(conn: Connection, entry_id: uuid.UUID, old_value: Any
         "VALUES (%s, %s, %s, %s, %s)",
         (entry_id, Jsonb(old_value), Jsonb(new_value), by, reason))
 
+
+
+async def history(conn: Connection, limit: int = 100) -> list[dict]:
+    """The system preferences' changes, newest first: key, old and new value, who, when, why."""
+    return await all_rows(
+        conn,
+        """
+        SELECT e.key, l.old_value, l.new_value, l.changed_at, l.changed_by, l.reason
+          FROM preference_audit_log l JOIN preference_entries e ON e.id = l.entry_id
+         WHERE e.scope_type = 'system' AND e.scope_id IS NULL
+         ORDER BY l.changed_at DESC, l.id LIMIT %s
+        """, (limit,))

@@ -180,19 +180,26 @@ async def _audit_in(conn, subject: Subject, req: Request, decision: Decision | N
 
 
 def pull_instructions(decision: Decision, cache_url: str) -> dict[str, Any]:
-    """Ready-to-use ways to fetch the chosen artifact from this cache: curl by digest always; an
-    ``ollama pull`` name for gguf and ollama artifacts; the HF mirror for safetensors ones."""
+    """Ready-to-use ways to fetch the chosen artifact from this cache (see :func:`artifact_pull`)."""
     version, artifact = decision.version, decision.artifact
-    vendor, name, tag = version["model_vendor"], version["model_name"], version["version"]
-    digest = f"sha256:{artifact['sha256']}"
-    extension = {"gguf": "gguf", "safetensors": "safetensors", "ollama": "json"}[artifact["artifact_type"]]
+    return artifact_pull(version["model_vendor"], version["model_name"], version["version"], artifact["sha256"],
+                         artifact["artifact_type"], cache_url)
+
+
+def artifact_pull(vendor: str | None, name: str, tag: str, sha256: str, artifact_type: str,
+                  cache_url: str) -> dict[str, Any]:
+    """Ready-to-use ways to fetch an artifact from this cache: curl by digest always; an ``ollama pull``
+    name for gguf and ollama artifacts; the HF mirror for safetensors ones. The one rule, for the
+    selection's answer and the dashboard alike."""
+    digest = f"sha256:{sha256}"
+    extension = {"gguf": "gguf", "safetensors": "safetensors", "ollama": "json"}[artifact_type]
     target = shlex.quote(f"{name}-{tag}.{extension}")
     out: dict[str, Any] = {
         "curl": f"curl -H 'Authorization: Bearer $TOKEN' -o {target} {cache_url}/v1/blobs/{digest}",
         "ollama": None, "hf": None}
-    if artifact["artifact_type"] in ("gguf", "ollama"):
+    if artifact_type in ("gguf", "ollama"):
         host = cache_url.split("://", 1)[1].rstrip("/")
         out["ollama"] = f"{host}/{(vendor or 'library').lower()}/{name.lower()}:{tag}"
-    if artifact["artifact_type"] == "safetensors":
+    if artifact_type == "safetensors":
         out["hf"] = {"endpoint": f"{cache_url}/hf", "repo": f"{vendor}/{name}" if vendor else name, "revision": tag}
     return out

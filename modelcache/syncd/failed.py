@@ -47,3 +47,26 @@ def move_to_failed(import_dir: Path, path: Path, companions: tuple[Path, ...], r
 def _taken(target: Path, companions: tuple[Path, ...]) -> bool:
     names = [target, target.parent / f"{target.name}.error.json", *(target.parent / c.name for c in companions)]
     return any(os.path.lexists(p) for p in names)
+
+
+def list_failed(import_dir: Path, limit: int = 200) -> list[dict]:
+    """What ``.failed/`` holds, newest first: each ``<name>.error.json`` as written above (file, reason,
+    error, time), plus ``path`` (where the file now is, relative to the import folder). A reason file
+    that cannot be read is listed with that as its error."""
+    failed = import_dir / FAILED_DIR
+    if not failed.is_dir():
+        return []
+    found = []
+    for error_file in failed.rglob("*.error.json"):
+        if error_file.name.startswith("."):
+            continue
+        rel = error_file.relative_to(import_dir).as_posix().removesuffix(".error.json")
+        try:
+            record = json.loads(error_file.read_text())
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            record = {"file": rel, "reason": "unreadable", "error": f"{error_file}: {exc}", "time": None}
+        found.append({**record, "path": rel})
+    found.sort(key=lambda r: str(r.get("time") or ""), reverse=True)
+    return found[:limit]

@@ -25,7 +25,7 @@ from .. import errors
 from ..keys import CATALOG
 from . import session as sessions
 from .pages import ROUTES, audit_event, form, render, see_other, signed_in
-from . import filters
+from . import filters, traffic
 from . import overview, models, downloads, nodes, audit, policy  # noqa: F401 - each registers its routes
 
 HERE = Path(__file__).parent
@@ -37,6 +37,8 @@ def setup(app: web.Application) -> None:
                                autoescape=jinja2.select_autoescape(default=True), undefined=jinja2.StrictUndefined)
     filters.install(env)
     app[sessions.SESSIONS] = sessions.Sessions()
+    app[traffic.SERVED] = traffic.ServedRing()
+    app.cleanup_ctx.append(traffic.ring_ctx)
     app.router.add_get("/", to_dashboard)
     app.router.add_get("/ui", to_dashboard)
     app.router.add_get("/ui/signin", signin_page)

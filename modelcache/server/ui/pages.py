@@ -72,9 +72,14 @@ class Ui:
     def may(self, handler: api.Handler) -> bool:
         return api.allows(api.endpoint_for(handler), self.subject)
 
+    def tell(self, notice: str) -> None:
+        """Say ``notice`` on the next page this browser sees (after a form's redirect)."""
+        self.session.notices.append(notice)
+
     def context(self) -> dict[str, Any]:
+        notices, self.session.notices = self.session.notices, []
         return {"subject": self.subject, "role": self.subject.role.value, "csrf": self.session.csrf,
-                "path": self.request.path, "may": self.may}
+                "path": self.request.path, "may": self.may, "notices": notices}
 
 
 PageHandler = Callable[[web.Request, Ui], Awaitable[dict[str, Any] | web.StreamResponse]]
@@ -97,7 +102,8 @@ def see_other(location: str) -> web.Response:
 
 
 def render(request: web.Request, template: str, context: dict[str, Any], status: int = 200) -> web.Response:
-    signed_out = {"subject": None, "role": None, "csrf": None, "path": request.path, "may": lambda handler: False}
+    signed_out = {"subject": None, "role": None, "csrf": None, "path": request.path, "may": lambda handler: False,
+                  "notices": []}
     response = aiohttp_jinja2.render_template(template, request, {**signed_out, **context}, status=status)
     response.headers.update(SECURITY_HEADERS)
     return response

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -38,6 +38,7 @@ class Session:
     token_sha256: str
     csrf: str  # the per-session secret every state-changing form carries
     expires_at: dt.datetime
+    notices: list[str] = field(default_factory=list)  # what the last action did, shown on the next page
 
     def csrf_matches(self, offered: str | None) -> bool:
         return offered is not None and hmac.compare_digest(offered.encode(), self.csrf.encode())
