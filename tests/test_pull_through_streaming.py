@@ -12,6 +12,9 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -34,8 +37,8 @@ SLOW_FROM_BYTES = 4096  # smaller bodies (manifests, the config blob, metadata) 
 
 
 class SlowProxy:
-    """Forwards GETs to the upstream; a large blob's body is sent in slices, and ``lie_about`` (a digest)
-    gets its last byte changed."""
+    """Forwards GETs to the upstream; a large blob's (or /hf file's) body is sent in slices, and ``lie_about``
+    (a digest) gets its last byte changed."""
 
     def __init__(self, target: str) -> None:
         self.target = target.rstrip("/")
@@ -70,7 +73,7 @@ class SlowProxy:
             response = web.StreamResponse(status=up.status, headers=kept)
             response.content_length = len(body)
             await response.prepare(request)
-            if "/blobs/" in request.path and len(body) >= SLOW_FROM_BYTES:
+            if ("/blobs/" in request.path or "/resolve/" in request.path) and len(body) >= SLOW_FROM_BYTES:
                 step = -(-len(body) // SLICES)
                 for at in range(0, len(body), step):
                     await response.write(body[at:at + step])
@@ -91,6 +94,21 @@ async def slow_cache(upstream, make_pt_settings, start_server, worker, db, monke
     server = await start_server(settings)
     await worker(settings)
     await allow(db, "registry", "hub")
+    await preferences.set_preference(db, "models.download.pull_through", True, Subject.local())
+    yield server, proxy
+    await proxy.stop()
+
+
+@pytest.fixture
+async def slow_hub(upstream, make_pt_settings, start_server, worker, db, monkeypatch):  # noqa: F811
+    """Our cache, its huggingface source (the upstream's /hf) behind the slow proxy; (server, proxy)."""
+    monkeypatch.setenv(UPSTREAM_TOKEN, upstream.token)
+    proxy = SlowProxy(upstream.url)
+    await proxy.start()
+    settings = make_pt_settings({"hub": ("huggingface", proxy.url + "hf")})
+    server = await start_server(settings)
+    await worker(settings)
+    await allow(db, "hub")
     await preferences.set_preference(db, "models.download.pull_through", True, Subject.local())
     yield server, proxy
     await proxy.stop()
@@ -207,3 +225,74 @@ async def test_a_refs_miss_pulls_through_and_answers_the_branches(
     async with http.get(server.make_url(f"/hf/api/models/acme/tiny/revision/{body['branches'][0]['targetCommit']}"),
                         headers=bearer(node)) as r:
         assert r.status == 200
+
+
+HF_CLIENT = r'''
+import hashlib, json, sys, time
+from pathlib import Path
+from huggingface_hub import hf_hub_download
+
+started = time.monotonic()
+path = Path(hf_hub_download(sys.argv[1], sys.argv[2]))  # HEAD (2 s at most here), then GET
+print(json.dumps({"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "commit": path.parents[0].name,
+                  "seconds": time.monotonic() - started}))
+'''
+
+
+async def test_an_hf_file_of_a_repository_still_being_fetched_is_streamed(
+        upstream, slow_hub, http, dsn, make_token, tmp_path):  # noqa: F811
+    """``/hf/.../resolve/main/<file>`` missed while its repository is fetched: answered at once (the Hub
+    declared the file's sha256, and the commit id it will have is known), its bytes as they arrive, so
+    hf_hub_download's HEAD (which it gives HF_HUB_ETAG_TIMEOUT, here 2 s) does not time out while the
+    repository takes about four seconds."""
+    server, _ = slow_hub
+    node = await make_token("node", name="node-h")
+    name = "model-00001-of-00002.safetensors"
+    content = upstream.snapshot_files[name]
+    assert len(content) >= 4096  # slowed by the proxy: about four seconds
+    sha = hashlib.sha256(content).hexdigest()
+    script = tmp_path / "client.py"
+    script.write_text(HF_CLIENT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_ENDPOINT=str(server.make_url("/hf")), HF_TOKEN=node, HF_HOME=str(tmp_path / "hf-home"),
+               NO_PROXY="127.0.0.1", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_ETAG_TIMEOUT="2")
+    client = asyncio.create_task(asyncio.to_thread(
+        subprocess.run, [sys.executable, str(script), "acme/tiny", name], env=env, capture_output=True, text=True,
+        timeout=120))
+
+    url = server.make_url(f"/hf/acme/tiny/resolve/main/{name}")
+    asked = time.monotonic()
+    async with http.head(url, headers=bearer(node)) as r:  # what hf_hub_download asks first
+        assert r.status == 200, r.headers.get("X-Error-Message")
+        head = r.headers
+    assert time.monotonic() - asked < 2
+    assert head["ETag"] == f'"{sha}"' and int(head["X-Linked-Size"]) == len(content)
+    commit = head["X-Repo-Commit"]
+    asked = time.monotonic()
+    async with http.get(url, headers=bearer(node)) as r:
+        assert r.status == 200 and r.content_length == len(content)
+        assert r.headers["X-Repo-Commit"] == commit
+        running = state(dsn)
+        body, first = await read_timed(r, asked)
+    took = time.monotonic() - asked
+    assert running == "running"  # the headers came while the repository was still being fetched
+    assert first < 1.0, f"first byte after {first:.2f}s"
+    assert took >= 2.0, f"the whole body took {took:.2f}s: it was not fetched while streamed"
+    assert hashlib.sha256(body).hexdigest() == sha
+
+    done = await client
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["sha256"] == sha
+    for _ in range(100):
+        if state(dsn) == "completed":
+            break
+        await asyncio.sleep(0.1)
+    assert state(dsn) == "completed"
+    # the commit the client was told while the repository was fetched is the one it now has
+    async with http.get(server.make_url("/hf/api/models/acme/tiny/revision/main"), headers=bearer(node)) as r:
+        assert r.status == 200
+        info = await r.json()
+    assert info["sha"] == commit == got["commit"]
+    assert len(download_rows(dsn)) == 1  # the HEAD, the GETs and the client's requests made one download

@@ -91,12 +91,19 @@ class FlightFile:
 
 @dataclass
 class FlightJob:
-    """A running job's files, and for an ollama layout the manifest the registry served (byte for byte)."""
+    """A running job's files, and for an ollama layout the manifest the registry served (byte for byte).
+
+    ``paths``: each file's path in the artifact and its declared digest (what ``/hf/.../resolve/...`` of a
+    repository still being fetched streams by); ``artifact``: the digest the artifact will have, once every
+    file's digest is known (declared, or verified for a file the upstream declares none of): its ``/hf``
+    commit id, which a client must be told with the first file it gets."""
 
     job_id: uuid.UUID
     files: dict[Digest, FlightFile] = field(default_factory=dict)
     manifest: bytes | None = None
     promoted: bool = False
+    paths: dict[str, Digest] = field(default_factory=dict)
+    artifact: Digest | None = None
 
     def file(self, digest: Digest | None) -> FlightFile | None:
         return self.files.get(digest) if digest is not None else None
@@ -117,10 +124,10 @@ class InFlight:
 
     @contextmanager
     def job(self, root: Path, job_id: uuid.UUID, files: list[tuple[Digest, int]], promoted: bool,
-            manifest: bytes | None = None) -> Iterator[FlightJob]:
+            manifest: bytes | None = None, paths: dict[str, Digest] | None = None) -> Iterator[FlightJob]:
         """Register a job's declared files for as long as it runs; on the way out every file not verified
         fails (the job failed, was cancelled or stopped), which aborts the responses still sending it."""
-        flight = FlightJob(job_id, manifest=manifest, promoted=promoted)
+        flight = FlightJob(job_id, manifest=manifest, promoted=promoted, paths=dict(paths or {}))
         for digest, size in files:
             if (root, digest) in self._files or digest in flight.files:
                 continue  # another job (or another path of this one) fetches the same bytes: it serves them

@@ -266,7 +266,8 @@ class DownloadWorker:
             promoted = (await preferences.effective(self.db))[AUTO_PROMOTE]  # as register() will make it
             declared = [(f.digest, f.size) for f in plan.files if f.digest is not None and f.size is not None]
             with FLIGHTS.job(self.store.root, job_id, declared, promoted,
-                             plan.manifest if plan.layout == "ollama" else None) as flight:
+                             plan.manifest if plan.layout == "ollama" else None,
+                             {f.path: f.digest for f in plan.files if f.digest is not None}) as flight:
                 return await self._fetch_plan(job, session, policy, plan, staging, flight)
 
     async def _fetch_plan(self, job: dict, session: Any, policy: HopPolicy, plan: Plan, staging: "Staging",
@@ -278,7 +279,12 @@ class DownloadWorker:
         progress = FilesProgress(plan.total)
         self._transfers[job_id] = progress  # type: ignore[assignment]
         await self._started(job, progress, resumed=bool(verified) or job["resumed"])  # type: ignore[arg-type]
-        for index, remote in enumerate(plan.files):
+        flight.artifact = foreseen_artifact(plan, verified)
+        # the files the upstream declares no digest of first (the Hub's small git files, quick): then the
+        # artifact's digest, the /hf commit id a client is told with a file still being fetched, is known
+        order = sorted(range(len(plan.files)), key=lambda i: plan.files[i].digest is not None)
+        for index in order:
+            remote = plan.files[index]
             if verified.get(remote.path) and (remote.digest is None or verified[remote.path] == str(remote.digest)):
                 progress.done += remote.size or 0
                 if (done := flight.file(remote.digest)) is not None:  # verified by an earlier attempt
@@ -291,6 +297,7 @@ class DownloadWorker:
             progress.current = None
             verified[remote.path] = str(digest)
             await asyncio.to_thread(staging.write_verified, verified)
+            flight.artifact = flight.artifact or foreseen_artifact(plan, verified)
         logger.info("download %s: %d files of %s:%s verified; importing them as %s", job_id, len(plan.files),
                     job["source"], job["reference"], label(job))
         wanted = [d for d in (plan.digest, Digest.parse(job["expected_sha256"]) if job["expected_sha256"] else None)
@@ -303,6 +310,9 @@ class DownloadWorker:
             if made is not None and made != want:
                 raise ChecksumError(what, str(want), str(made))
         req, ingested = await self._ingest_staged(job, plan, staging)
+        if flight.artifact is not None and ingested.manifest.digest != flight.artifact:
+            logger.warning("download %s: the files make %s, not %s as foreseen (and told /hf clients as its commit "
+                           "while it was fetched)", job_id, ingested.manifest.digest, flight.artifact)
         for want in wanted:
             if ingested.manifest.digest != want:  # not foreseen above: the blobs committed go at once
                 removed = await remove_unregistered(self.db, self.store, [b.digest for _, b in ingested.files]
@@ -530,6 +540,24 @@ class Staging:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(raw)
         return models
+
+
+def foreseen_artifact(plan: Plan, verified: dict[str, str]) -> Digest | None:
+    """The digest the plan's files will make as an artifact, once every file's digest is known (declared,
+    or in ``verified``), before they are all fetched: as :meth:`Staging.artifact_digest` makes it from
+    the files on disk (a plan lists no hidden files, as the folder listing skips them). None: not yet."""
+    if plan.layout == "ollama":
+        return plan.digest
+    known = []
+    for f in plan.files:
+        digest = f.digest or (Digest.parse(verified[f.path]) if f.path in verified else None)
+        if digest is None or f.size is None:
+            return None
+        known.append((f.path, digest, f.size))
+    if plan.layout == "file":
+        return known[0][1]
+    known.sort(key=lambda k: PurePosixPath(k[0]).parts)
+    return Digest(hashlib.sha256(folder_manifest(known)).hexdigest())
 
 
 def _git_blob_sha1(path: Path) -> str:

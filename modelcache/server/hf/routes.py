@@ -28,13 +28,16 @@ import base64
 import binascii
 import datetime as dt
 import logging
+import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Mapping
+from typing import AsyncIterator, Callable, Mapping, TypeVar
 
 from aiohttp import web
 from yarl import URL
 
 from ...auth import Subject
+from ...digest import Digest
+from ...downloads.inflight import FLIGHTS
 from ...downloads.pull_through import Miss, serve_miss
 from ...errors import InvalidInput, ModelcacheError
 from ..auth import authenticate
@@ -44,10 +47,12 @@ from ..errors import Renderer, header_text, mount
 from ..paging import page_after, parse_count
 from ..urls import public_base
 from .index import (MAIN, HfFile, HfFolder, HfIndex, HfNotFound, HfRepo, HfRevision, RepoId, RepoNotFound, RepoPath,
-                    RevisionNotFound, Revision)
-from ..keys import CATALOG, DATABASE, DIGEST, HF_INDEX, SETTINGS
+                    RevisionNotFound, Revision, commit_id)
+from ..keys import CATALOG, DATABASE, DIGEST, HF_INDEX, SETTINGS, STORE
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 PAGE_LIMIT = 1000  # the Hub's own page size for tree listings
@@ -124,23 +129,54 @@ async def tree(request: web.Request) -> web.StreamResponse:
 
 @denials.pull
 async def resolve(request: web.Request) -> web.StreamResponse:
-    """One file's bytes (GET) or headers (HEAD, answered from memory) for ``hf_hub_download``."""
+    """One file's bytes (GET) or headers (HEAD, answered from memory) for ``hf_hub_download``.
+
+    A miss of a repository this process is still fetching is answered as soon as the file's sha256 is
+    declared and the commit id it will have is known, its bytes streamed as they arrive (the Hub's LFS
+    files: :func:`_file_in_flight`); a file without a declared sha256 waits for the download."""
     asked = Asked.parse(request)
     path = RepoPath.parse(request.match_info["path"])
-    repo, revision = await asked.find(request)
-    file = revision.file(path, repo)
-    request[DIGEST] = file.digest
-    entry = await servable_blob(request, file.digest, asked.subject)
-    etag = f'"{file.digest.hex}"'  # the client keeps the file as blobs/<sha256>, as for the Hub's LFS files
+    found = await asked.find(request, early=lambda job_id: _file_in_flight(request, job_id, asked.subject, path))
+    if isinstance(found, FileInFlight):
+        digest, commit = found.digest, found.commit
+    else:
+        repo, revision = found
+        file = revision.file(path, repo)
+        digest, commit = file.digest, revision.commit
+    request[DIGEST] = digest
+    entry = await servable_blob(request, digest, asked.subject)
+    etag = f'"{digest.hex}"'  # the client keeps the file as blobs/<sha256>, as for the Hub's LFS files
     headers = {
         "ETag": etag,
         "X-Linked-Etag": etag,
         "X-Linked-Size": str(entry.size),
-        "X-Repo-Commit": revision.commit,
+        "X-Repo-Commit": commit,
         # main and version names may move to another artifact; a commit id never does
         "Cache-Control": CACHE_CONTROL if asked.revision.is_commit else "no-cache",
     }
-    return await send_blob(request, file.digest, entry.size, headers)
+    return await send_blob(request, digest, entry.size, headers)
+
+
+@dataclass(frozen=True)
+class FileInFlight:
+    """A file of a repository a download of this process is still fetching, and the commit id it will have."""
+
+    digest: Digest
+    commit: str
+
+
+def _file_in_flight(request: web.Request, job_id: uuid.UUID, subject: Subject, path: RepoPath) -> FileInFlight | None:
+    """``path`` of the download ``job_id`` while it runs here: once its upstream declared the file's sha256
+    and the artifact's digest is known (every other file's sha256 declared or verified), so the commit id
+    the client caches it under is the one the index will answer. None until then (the miss waits on)."""
+    job = FLIGHTS.job_of(job_id)
+    if job is None or job.artifact is None or subject.withheld("promoted" if job.promoted else "staged"):
+        return None
+    digest = job.paths.get(path.text)
+    flight = FLIGHTS.file(request.app[STORE].root, digest) if digest is not None else None
+    if flight is None or flight.failure is not None:
+        return None
+    return FileInFlight(digest, commit_id(job.artifact.hex))
 
 
 @dataclass(frozen=True)
@@ -161,8 +197,10 @@ class Asked:
         repo = index.repo(self.repo_id, self.subject)
         return repo, repo.resolve(self.revision, self.subject)
 
-    async def find(self, request: web.Request) -> tuple[HfRepo, HfRevision]:
-        """The repo and revision from the index; a miss goes through pull-through (its module says when)."""
+    async def find(self, request: web.Request, early: Callable[[uuid.UUID], T | None] | None = None
+                   ) -> tuple[HfRepo, HfRevision] | T:
+        """The repo and revision from the index; a miss goes through pull-through (its module says when),
+        ``early`` answering it before its download completed when it can."""
         index = request.app[HF_INDEX]
         try:
             return self.look_up(index)
@@ -172,7 +210,7 @@ class Asked:
             if miss is None:
                 raise
             return await serve_miss(request.app[DATABASE], request.app[SETTINGS], miss, self.subject,
-                                    lambda: self.look_up(index), exc)
+                                    lambda: self.look_up(index), exc, early)
 
 
 # -- query parameters of the tree listing -----------------------------------------
