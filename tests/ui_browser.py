@@ -161,8 +161,11 @@ async def _make_tokens(dsn: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ui_run(tmp_path_factory, pg_admin_dsn, template_dsn):
-    """One ``modelcache run`` (server and import daemon) for the module, on a database of its own."""
+def ui_run(request, tmp_path_factory, pg_admin_dsn, template_dsn):
+    """One ``modelcache run`` (server and import daemon) for the module, on a database of its own.
+
+    A module that defines a module-scoped fixture ``ui_config`` (TOML text, e.g. ``[sources.<id>]``
+    tables) has the run started with it as its config file."""
     name = f"mc_ui_{os.getpid()}_{next(_databases)}"
     template = psycopg.conninfo.conninfo_to_dict(template_dsn)["dbname"]
     with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
@@ -173,10 +176,18 @@ def ui_run(tmp_path_factory, pg_admin_dsn, template_dsn):
     data, port = root / "data", free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCACHE_")}
     env.update(MODELCACHE_SYNCD_SETTLE_SECONDS="0.3")
+    config: list[str] = []
+    try:
+        text = request.getfixturevalue("ui_config")
+    except pytest.FixtureLookupError:
+        text = ""
+    if text:
+        (root / "modelcache.toml").write_text(text)
+        config = ["--config", str(root / "modelcache.toml")]
     log = root / "run.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "modelcache", "run", "--dsn", dsn, "--data-dir", str(data),
-                                 "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "modelcache", "run", *config, "--dsn", dsn,
+                                 "--data-dir", str(data), "--host", "127.0.0.1", "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     run = UiRun(f"http://127.0.0.1:{port}", data, data / "import", dsn, log, proc, tokens)
     try:
