@@ -26,7 +26,7 @@ CLASSES = ("pinned", "promoted", "staged", "other")  # the usage bar's parts, le
 ARTIFACT_STATES = ("promoted", "staged", "evicted", "quarantined")
 BLOB_STATES = ("present", "evicted", "quarantined")
 WAITING_SHOWN = 50
-CHART_W, CHART_H, CHART_PAD = 720, 180, 4
+CHART_W, CHART_H, CHART_PAD = 960, 160, 4
 
 
 @page("/ui/", "overview.html")
