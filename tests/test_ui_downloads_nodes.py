@@ -71,7 +71,9 @@ async def test_an_action_without_its_csrf_token_is_refused_and_changes_nothing(c
     assert (await state_of(http, cache, operator, asked["id"]))["state"] == "pending_approval"
     # with it, the same form approves, through the v1 endpoint (its audit event, its answer)
     status, _, headers = await b.post(f"/ui/downloads/{asked['id']}/approve", {})
-    assert status == 303 and headers["Location"].startswith("/ui/downloads?done=approve")
+    assert status == 303 and headers["Location"] == f"/ui/downloads#dl-{asked['id']}"
+    status, text, _ = await b.get("/ui/downloads")
+    assert f"Download {asked['id']} (m:1) approved: queued." in text
     done = await state_of(http, cache, operator, asked["id"])
     assert done["state"] == "queued" and done["approved_by"] == "token:ada"
     assert [r[0] for r in audit_rows(dsn, "model_download.approve")] == ["allow"]

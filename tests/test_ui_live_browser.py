@@ -103,19 +103,19 @@ def test_approve_a_download_and_watch_it_reach_100_percent(browser, ui_run, upst
     status, _ = api(ui_run, "POST", f"/v1/downloads/{small['id']}/approve")
     assert status == 200
     ask(ui_run, upstream, "waiting.gguf", 64 << 10)
-    asked = ask(ui_run, upstream, "watched.gguf", 4 << 20)
+    asked = ask(ui_run, upstream, "watched.gguf", 6 << 20)
     driver = browser(*LAPTOP)
     sign_in(driver, ui_run.base, ui_run.tokens["admin"], "/ui/downloads")
     assert seen(driver, asked["id"])["state"] == "pending approval"
     act(driver, lambda d: row(d, asked["id"]).find_element(By.CSS_SELECTOR, "button[name=approve]").click())
-    wait_for(driver, lambda d: "done=approve" in d.current_url)
+    wait_for(driver, lambda d: "approved" in " ".join(n.text for n in d.find_elements(By.CSS_SELECTOR, "p.notice")))
     driver.execute_script("window.notReloaded = true;")  # gone if the page were loaded again
 
     # the bar moves while the bytes arrive: seen part-way at least once, with a rate and an ETA
     wait_for(driver, lambda d: 0 < seen(d, asked["id"])["value"] < seen(d, asked["id"])["max"]
              and "/s · ETA" in seen(d, asked["id"])["text"], timeout=30)
     now = seen(driver, asked["id"])
-    assert now["state"] == "running" and "of 4.0 MiB" in now["text"], now
+    assert now["state"] == "running" and "of 6.0 MiB" in now["text"], now
     # exactly 1280x800 of page, from its top: docs/ui-downloads.png is one of these
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                            {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False})
@@ -124,7 +124,7 @@ def test_approve_a_download_and_watch_it_reach_100_percent(browser, ui_run, upst
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     wait_for(driver, lambda d: seen(d, asked["id"])["state"] == "completed", timeout=60)
     now = seen(driver, asked["id"])
-    assert now["value"] == now["max"] > 4 << 20 and "100.0 %" in now["text"], now
+    assert now["value"] == now["max"] > 6 << 20 and "100.0 %" in now["text"], now
     assert driver.execute_script("return window.notReloaded === true;")
     status, body = api(ui_run, "GET", f"/v1/downloads/{asked['id']}")
     assert body["state"] == "completed" and body["approved_by"] == "token:ui-admin" and body["digest"]
@@ -139,7 +139,7 @@ def test_reject_a_download_with_a_reason(browser, ui_run, upstream, downloads_al
     time.sleep(1.5)  # live.js refreshes meanwhile: the reason being typed must survive it
     assert row(driver, asked["id"]).find_element(By.NAME, "reason").get_attribute("value") == "use the Q5 file"
     row(driver, asked["id"]).find_element(By.CSS_SELECTOR, "button[name=reject]").click()
-    wait_for(driver, lambda d: "done=reject" in d.current_url)
+    wait_for(driver, lambda d: "rejected" in " ".join(n.text for n in d.find_elements(By.CSS_SELECTOR, "p.notice")))
     driver.get(f"{ui_run.base}/ui/downloads?state=rejected")
     text = seen(driver, asked["id"])["text"]
     assert "rejected" in text and "use the Q5 file" in text and "ui-admin" in text

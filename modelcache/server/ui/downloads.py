@@ -29,8 +29,7 @@ from .pages import Ui, form, page, render, see_other
 
 PAGE_SIZE = 25
 OPEN = ("pending_approval", "queued", "running")
-# what the page says after an action, by the form's verb (never text taken from the request)
-DONE = {"approve": "approved", "reject": "rejected", "cancel": "cancelled", "new": "requested"}
+DONE = {"approve": "approved", "reject": "rejected", "cancel": "cancelled", "new": "requested"}  # by form verb
 _NEW_FIELDS = ("source", "reference", "model", "version", "vendor", "artifact_type", "sha256")
 
 
@@ -69,8 +68,7 @@ async def _context(request: web.Request, ui: Ui, filters: dict[str, str], *, err
     context.update(
         states=v1.STATES, artifact_types=ARTIFACT_TYPES, error=error, entered=entered or {}, may_request=may_request,
         sources=await _offered_sources(request, ui) if may_request else [],
-        configured=bool(request.app[SETTINGS].sources),
-        done=DONE.get(request.query.get("done", "")), done_id=request.query.get("id", "")[:36])
+        configured=bool(request.app[SETTINGS].sources))
     return context
 
 
@@ -98,7 +96,10 @@ async def _act(request: web.Request, ui: Ui, data: MultiDictProxy, verb: str, ha
             else None
         context = await _context(request, ui, filters, error=exc.detail, entered=entered)
         return render(request, "downloads.html", {**ui.context(), **context}, status=exc.status)
-    return see_other(f"/ui/downloads?{urlencode({**filters, 'done': verb, 'id': str(row.id)})}#dl-{row.id}")
+    name = f"{row.vendor + '/' if row.vendor else ''}{row.model}:{row.version}"
+    state = row.state.replace("_", " ")
+    ui.tell(f"Download {row.id} ({name}) {DONE[verb]}{'' if state == DONE[verb] else ': ' + state}.")
+    return see_other(f"/ui/downloads{'?' + urlencode(filters) if filters else ''}#dl-{row.id}")
 
 
 @form("/ui/downloads/{download_id}/approve")
