@@ -285,3 +285,25 @@ async def test_audit_filters_and_pages(browser, make_token):
     assert "No events match" in text
     _, text, _ = await b.get("/ui/audit?decision=maybe")
     assert "query parameter &#39;decision&#39;" in text
+
+
+async def test_the_cookie_is_secure_behind_an_https_proxy(start_server, make_settings, make_token, http):
+    srv = await start_server(make_settings(**{"server.public_url": "https://cache.example"}))
+    b = Browser(http, str(srv.make_url("")).rstrip("/"))
+    _, _, headers = await b.sign_in(await make_token("reader"))
+    assert SimpleCookie(headers["Set-Cookie"])["mc_session"]["secure"]
+    await srv.close()
+
+
+async def test_a_sign_in_posted_from_another_site_is_refused(server, http, make_token, db):
+    token = await make_token("admin", name="eve-target")
+    base = str(server.make_url("")).rstrip("/")
+    async with http.post(f"{base}/ui/signin", data={"token": token}, allow_redirects=False,
+                         headers={"Origin": "https://evil.example"}) as r:
+        assert r.status == 403 and "Set-Cookie" not in r.headers
+    async with http.post(f"{base}/ui/signin", data={"token": token}, allow_redirects=False,
+                         headers={"Origin": base}) as r:
+        assert r.status == 303
+    rows = await audit_rows(db, "ui_session.create")
+    assert [(r["decision"], r["reason"]) for r in rows] == [
+        ("deny", "posted from another site (https://evil.example)"), ("allow", None)]

@@ -20,9 +20,9 @@ import jinja2
 from aiohttp import web
 
 from ...auth import Role, Subject, secret_sha256
-from ...errors import ModelcacheError
+from ...errors import Forbidden, ModelcacheError
 from .. import errors
-from ..keys import CATALOG
+from ..keys import CATALOG, SETTINGS
 from . import session as sessions
 from .pages import ROUTES, audit_event, form, render, see_other, signed_in
 from . import filters, traffic
@@ -67,7 +67,16 @@ async def signin_page(request: web.Request) -> web.StreamResponse:
 
 
 async def signin(request: web.Request) -> web.StreamResponse:
-    """Exchange a token for a session. The token is hashed at once and never kept."""
+    """Exchange a token for a session. The token is hashed at once and never kept.
+
+    The one form posted without a session, so without a CSRF token: a browser says where the form
+    came from (``Origin``), and one from another site is refused, so no page elsewhere can sign a
+    visitor in under a token of its choosing."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin not in _own_origins(request):
+        await audit_event(request, Subject("anonymous", request.remote), "ui_session.create", "/ui/signin",
+                          decision="deny", outcome="denied", reason=f"posted from another site ({origin})")
+        raise Forbidden(f"a sign-in posted from {origin}, not from this server's own page, is refused")
     data = await request.post()
     token, target = data.get("token"), _next(data.get("next") if isinstance(data.get("next"), str) else None)
     entry = request.app[CATALOG].token(secret_sha256(token.strip())) if isinstance(token, str) and token else None
@@ -99,6 +108,15 @@ async def signout(request: web.Request, ui, data) -> web.StreamResponse:
     response = see_other("/ui/signin")
     sessions.clear_cookie(response, request)
     return response
+
+
+def _own_origins(request: web.Request) -> set[str]:
+    own = {f"{request.scheme}://{request.host}"}
+    configured = request.app[SETTINGS].server.public_url
+    if configured:
+        scheme, _, rest = configured.partition("://")
+        own.add(f"{scheme}://{rest.split('/', 1)[0]}")
+    return own
 
 
 def error_page(request: web.Request, exc: ModelcacheError) -> web.Response:

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ... import preferences
 from ...db import artifacts, dashboard
 from ...errors import DatabaseUnavailable
 from ...syncd.failed import list_failed
@@ -34,13 +35,14 @@ async def overview(request: web.Request, ui: Ui) -> dict[str, Any]:
     app = request.app
     now = dt.datetime.now(dt.timezone.utc)
     traffic.sample(app)
-    prefs: admin.PreferenceList = await ui.invoke(admin.list_preferences)
-    max_bytes = next(p.value for p in prefs.preferences if p.key == "models.cache.max_bytes")
     hours = traffic.hours(now)
     problems = await readiness(app)
     stock: dict[str, Any] = {"usage": {}, "artifacts": {}, "blobs": {}, "downloaded": {}}
-    if not any(p.startswith("database:") for p in problems):
+    max_bytes = preferences.KEYS["models.cache.max_bytes"].default
+    if not any(p.startswith("database:") for p in problems):  # else the page says why, and little else
         try:
+            prefs: admin.PreferenceList = await ui.invoke(admin.list_preferences)
+            max_bytes = next(p.value for p in prefs.preferences if p.key == "models.cache.max_bytes")
             async with app[DATABASE].connection() as conn:
                 stock["usage"] = await dashboard.usage_by_class(conn)
                 stock["artifacts"] = await artifacts.counts_by_state(conn)

@@ -3,7 +3,8 @@
 Signing in posts a token once (``POST /ui/signin``). The server keeps, under a
 random session id, only the token's sha256, a CSRF secret and an expiry; the
 browser keeps only the id, in a cookie that is ``HttpOnly``, ``SameSite=Strict``,
-``Secure`` when the request came over TLS, and expires with the session. The
+``Secure`` when the browser came over TLS (to us, or to the proxy ``server.public_url``
+names), and expires with the session. The
 token itself is never put in a page, in JavaScript or in browser storage.
 
 Every request resolves the session's token again through the catalog, the same
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from ...auth import Role, Subject
-from ..keys import CATALOG
+from ..keys import CATALOG, SETTINGS
 
 COOKIE = "mc_session"
 LIFETIME = dt.timedelta(hours=8)  # never beyond the token's own expiry
@@ -98,11 +99,17 @@ def current(request: web.Request) -> tuple[Session, Subject] | None:
     return session, Subject("token", entry.name, entry.role, entry.node_id)
 
 
+def over_tls(request: web.Request) -> bool:
+    """Whether the browser reached us over TLS: this connection is TLS, or ``server.public_url`` is https
+    (a proxy in front terminates TLS and talks plain HTTP to us)."""
+    return request.secure or request.app[SETTINGS].server.public_url.startswith("https://")
+
+
 def set_cookie(response: web.StreamResponse, request: web.Request, session: Session) -> None:
     seconds = max(0, int((session.expires_at - now()).total_seconds()))
     response.set_cookie(COOKIE, session.id, path="/ui", max_age=seconds, httponly=True, samesite="Strict",
-                        secure=request.secure)
+                        secure=over_tls(request))
 
 
 def clear_cookie(response: web.StreamResponse, request: web.Request) -> None:
-    response.del_cookie(COOKIE, path="/ui", httponly=True, samesite="Strict", secure=request.secure)
+    response.del_cookie(COOKIE, path="/ui", httponly=True, samesite="Strict", secure=over_tls(request))

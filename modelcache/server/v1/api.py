@@ -7,6 +7,10 @@ fields, wrong types and bad values are 422 naming the field; malformed JSON is
 400; oversized bodies 413), calls the handler and serialises its answer.
 The same declarations build the OpenAPI document (``openapi.py``), so the
 description cannot drift from the code.
+
+After authentication everything runs through :func:`invoke`, which the
+dashboard (``server/ui``) calls too, with a signed-in session's subject: a
+button on a page runs the very code ``POST /v1/...`` runs.
 """
 
 from __future__ import annotations
