@@ -4,8 +4,8 @@
 // page is the same, as of when it was loaded.
 //
 // Children with data-key are matched by key: unchanged ones are left alone, changed ones replaced,
-// new ones inserted, gone ones removed. A child the user is working in (focus inside, or text typed
-// into one of its fields, e.g. a reject reason) is not replaced: only its data-cell parts are.
+// new ones inserted, gone ones removed. A child the user is working in (see inUse: e.g. a reject
+// reason being typed) is not replaced: only its data-cell parts are.
 "use strict";
 
 (() => {
@@ -16,9 +16,12 @@
   let running = false;
   let stopped = false;
 
+  // A part the user works in: focus inside, text typed into one of its fields, or the pointer over one
+  // of its forms (a button replaced between press and release would lose the click).
   const inUse = (el) => {
     const active = document.activeElement;
     if (active && active !== document.body && el.contains(active)) return true;
+    if (Array.from(el.querySelectorAll("form")).some((f) => f.matches(":hover"))) return true;
     return Array.from(el.querySelectorAll("input[type=text], textarea")).some((f) => f.value !== "");
   };
 
