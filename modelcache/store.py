@@ -8,6 +8,8 @@ The whole layout, drawn once::
       tmp/downloads/<job>.partial    a download's bytes so far, kept across restarts to resume from
       tmp/downloads/<job>/           a multi-file download's staging folder, kept across restarts alike:
         parts/<n>.partial            its file n so far (and <n>.json, the notes to resume it from)
+      tmp/downloads/inflight/<hex>.json  a file a download is fetching, announced to other processes'
+                                     blob GETs (downloads/inflight.py), removed when its job ends
       quarantine/<hex>               blobs that failed verification, never served
       import/                        the default import folder (storage.import_dir)
       import/.failed/                files that could not be imported, with a reason file
@@ -258,6 +260,14 @@ class BlobStore:
 
     def temp(self) -> TempBlob:
         return TempBlob(self)
+
+    @property
+    def announcement_dir(self) -> Path:
+        return self.downloads_dir / "inflight"
+
+    def announcement_path(self, digest: Digest) -> Path:
+        """Where a download announces the file ``digest`` it is fetching (``downloads/inflight.py``)."""
+        return self.announcement_dir / f"{digest.hex}.json"
 
     def partial_path(self, name: str) -> Path:
         """The partial file of download ``name``: a job id (``<job>.partial``), or file ``n`` of a

@@ -12,24 +12,38 @@ bytes are handed out as they reach the disk, and a response's last byte only aft
 matched its declared digest; a mismatch (or a stop, or a restart) aborts every response still
 sending, so a client never holds a complete-looking wrong body.
 
-The registry is in memory, one per process: only the process running the transfer (``modelcache
-run``, where the server and the worker share one event loop) streams it. A separate ``modelcache
-fetchd`` serves nothing, and a ``serve`` beside it answers such a blob only once it is committed.
+The registry is in memory, one per process. For a ``serve`` beside a separate ``modelcache fetchd``,
+each file is also *announced* on disk, ``tmp/downloads/inflight/<hex>.json`` (:meth:`BlobStore.announcement_path`):
+its job, declared size, partial file, how far its verified-to-be-contiguous bytes reach, whether it
+matched, the writer's pid and a heartbeat, rewritten at most every ``ANNOUNCE_SECONDS`` while it
+changes and every ``BEAT_SECONDS`` regardless, and removed when the job ends (after its blobs were
+committed). :class:`AnnouncedFile` is the reader's side: the same state as a :class:`FlightFile`,
+polled from the announcement; an announcement gone means the blob is in the store (verified) or the
+download ended without it, and a heartbeat older than ``STALE_SECONDS`` means its process is gone —
+either way what was not verified is not completed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..digest import Digest
+from ..store import BlobStore
 
 logger = logging.getLogger(__name__)
+
+ANNOUNCE_SECONDS = 0.1  # an announcement follows its file's progress at most this often
+BEAT_SECONDS = 1.0  # and is rewritten this often regardless, as a heartbeat
+STALE_SECONDS = 5.0  # a heartbeat older than this: the announcing process is gone
 
 
 class FlightFile:
@@ -88,6 +102,15 @@ class FlightFile:
     def state(self) -> str:
         return "promoted" if self.promoted else "staged"
 
+    def release(self) -> None:
+        """A reader is done with it (nothing to let go of: the writer's own object)."""
+
+    def announcement(self) -> dict[str, Any]:
+        """What other processes' blob GETs read of it (``heartbeat`` added when written)."""
+        return {"job": str(self.job_id), "digest": str(self.digest), "size": self.size, "promoted": self.promoted,
+                "path": str(self.path) if self.path is not None else None, "available": self.available,
+                "generation": self.generation, "verified": self.verified}
+
 
 @dataclass
 class FlightJob:
@@ -115,6 +138,7 @@ class InFlight:
     def __init__(self) -> None:
         self._files: dict[tuple[Path, Digest], FlightFile] = {}
         self._jobs: dict[uuid.UUID, FlightJob] = {}
+        self._announcers: set[asyncio.Task] = set()
 
     def file(self, root: Path, digest: Digest) -> FlightFile | None:
         return self._files.get((root, digest))
@@ -134,12 +158,18 @@ class InFlight:
             flight.files[digest] = self._files[(root, digest)] = FlightFile(job_id, digest, size, promoted)
         self._jobs[job_id] = flight
         reason = f"download {job_id} stopped before this file was verified"
+        stop = asyncio.Event()
+        announcer = asyncio.get_running_loop().create_task(_announce(BlobStore(root), flight, stop),
+                                                          name=f"announce-{job_id}")
+        self._announcers.add(announcer)
+        announcer.add_done_callback(self._announcers.discard)
         try:
             yield flight
         except BaseException as exc:
             reason = f"download {job_id} ended: {getattr(exc, 'detail', None) or type(exc).__name__}"
             raise
         finally:
+            stop.set()  # the announcements go (the job's blobs are committed by now, or never will be)
             self._jobs.pop(job_id, None)
             for digest, f in flight.files.items():
                 f.fail(reason)
@@ -148,3 +178,175 @@ class InFlight:
 
 
 FLIGHTS = InFlight()  # this process's running downloads
+
+
+# -- announcements, for the blob GETs of other processes ----------------------------
+
+
+async def _announce(store: BlobStore, flight: FlightJob, stop: asyncio.Event) -> None:
+    """Keep each file's announcement current while the job runs; remove them when it ends."""
+    written: dict[Digest, dict] = {}
+    beat = 0.0
+    try:
+        while True:
+            now = time.monotonic()
+            due = now - beat >= BEAT_SECONDS
+            changed = {d: f.announcement() for d, f in flight.files.items()
+                       if due or written.get(d) != f.announcement()}
+            if changed:
+                await asyncio.to_thread(_write_announcements, store, changed)
+                written.update(changed)
+                beat = now if due else beat
+            try:
+                await asyncio.wait_for(stop.wait(), ANNOUNCE_SECONDS)
+                return
+            except TimeoutError:
+                pass
+    except OSError as exc:  # a full or read-only disk: only other processes' streaming is lost
+        logger.warning("download %s: cannot announce its files in flight (%s); a separate serve answers them "
+                       "once committed", flight.job_id, exc)
+    finally:
+        await asyncio.shield(asyncio.to_thread(_remove_announcements, store, flight.job_id, list(flight.files)))
+
+
+def _write_announcements(store: BlobStore, states: dict[Digest, dict]) -> None:
+    for digest, state in states.items():
+        path = store.announcement_path(digest)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        text = json.dumps({**state, "pid": os.getpid(), "heartbeat": time.time()})
+        try:
+            tmp.write_text(text)
+        except FileNotFoundError:  # the folder goes when the last announcement does (another job's end)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+        tmp.replace(path)
+
+
+def _remove_announcements(store: BlobStore, job_id: uuid.UUID, digests: list[Digest]) -> None:
+    for digest in digests:
+        path = store.announcement_path(digest)
+        if (read_announcement(path) or {}).get("job") == str(job_id):  # not another job's, of the same bytes
+            path.unlink(missing_ok=True)
+    try:
+        store.announcement_dir.rmdir()  # nothing of a download is left behind once none runs
+    except OSError:
+        pass
+
+
+def read_announcement(path: Path) -> dict | None:
+    """An announcement as written, or None (absent, or caught half-replaced: read again later)."""
+    try:
+        state = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def remove_stale_announcements(store: BlobStore) -> int:
+    """Announcements a killed process left (heartbeat stale): removed when a worker starts."""
+    removed = 0
+    try:
+        entries = list(os.scandir(store.announcement_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not entry.name.endswith(".json"):
+            continue  # a writer's .tmp: it replaces the announcement, or is left until that one goes
+        state = read_announcement(Path(entry.path))
+        if state is not None and _stale(state):
+            Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class AnnouncedFile:
+    """A file another process (``fetchd``) is fetching, as its announcement says: what a blob GET streams.
+
+    The same fields and :meth:`changed` as a :class:`FlightFile`, followed by polling the announcement
+    every ``ANNOUNCE_SECONDS`` once a reader waits on it (:meth:`release` stops that). When the
+    announcement goes, the file is verified if its blob is in the store, else it failed."""
+
+    def __init__(self, store: BlobStore, state: dict) -> None:
+        self.store = store
+        self.digest = Digest.parse(state["digest"])
+        self.size = int(state["size"])
+        self.promoted = bool(state["promoted"])
+        self.job = str(state["job"])
+        self.path: Path | None = None
+        self.available = 0
+        self.generation = 0
+        self.verified = False
+        self.failure: str | None = None
+        self._changed = asyncio.Event()
+        self._poller: asyncio.Task | None = None
+        self._follow(state)
+
+    @classmethod
+    async def find(cls, store: BlobStore, digest: Digest) -> "AnnouncedFile | None":
+        """The file ``digest`` if a live process announces it, else None."""
+        state = await asyncio.to_thread(read_announcement, store.announcement_path(digest))
+        try:
+            if state is None or state.get("digest") != str(digest) or _stale(state):
+                return None
+            return cls(store, state)
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    @property
+    def state(self) -> str:
+        return "promoted" if self.promoted else "staged"
+
+    def changed(self) -> asyncio.Event:
+        if self._poller is None and self.failure is None and not self.verified:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name=f"follow-{self.digest}")
+        return self._changed
+
+    def release(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _follow(self, state: dict) -> None:
+        path = Path(state["path"]) if state.get("path") else None
+        if path is not None and not path.is_relative_to(self.store.downloads_dir):
+            self.failure = f"its announcement names {path}, outside {self.store.downloads_dir}"
+            return
+        generation = int(state["generation"])
+        available = int(state["available"])
+        if (path, available, generation, bool(state["verified"])) != (
+                self.path, self.available, self.generation, self.verified):
+            self.path, self.available, self.generation = path, available, generation
+            self.verified = bool(state["verified"])
+            self._signal()
+
+    async def _poll(self) -> None:
+        announcement = self.store.announcement_path(self.digest)
+        blob = self.store.path_for(self.digest)
+        while self.failure is None and not self.verified:
+            await asyncio.sleep(ANNOUNCE_SECONDS)
+            state = await asyncio.to_thread(read_announcement, announcement)
+            if state is None or state.get("job") != self.job:
+                if state is None and not await asyncio.to_thread(announcement.exists):
+                    if await asyncio.to_thread(blob.exists):  # committed: verified, and whole
+                        self.available, self.verified = self.size, True
+                    else:
+                        self.failure = f"download {self.job} ended without this blob"
+                    self._signal()
+                continue  # caught half-replaced: read again
+            if _stale(state):
+                self.failure = (f"the process fetching it (download {self.job}, pid {state.get('pid')}) has not "
+                                f"announced progress for {STALE_SECONDS:.0f}s")
+                self._signal()
+                continue
+            try:
+                self._follow(state)
+            except (KeyError, TypeError, ValueError) as exc:
+                self.failure = f"its announcement cannot be read ({exc})"
+                self._signal()
+
+
+def _stale(state: dict) -> bool:
+    return time.time() - float(state.get("heartbeat", 0)) > STALE_SECONDS

@@ -47,7 +47,7 @@ from .policy import HopPolicy, check_allowed
 from .requests import RESOURCE, label, requester
 from .sources import Source, find_source
 from .flight import may_start, shared_result
-from .inflight import FLIGHTS, FlightFile, FlightJob
+from .inflight import FLIGHTS, FlightFile, FlightJob, remove_stale_announcements
 from .transfer import Transfer, fetch, open_session
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class DownloadWorker:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.store.downloads_dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(remove_stale_announcements, self.store)  # what a killed process left
         self._tasks = [
             asyncio.create_task(self.db.listen([downloads.CHANNEL], self._notified, self._reconnected, self._stop),
                                 name="downloads-listen"),

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # these modules use the keys themselves
     from .metrics import Metrics
     from .blobs.signing import UrlSigner
     from ..nodes.bell import LoadBell
-    from ..downloads.inflight import FlightFile
+    from ..downloads.inflight import AnnouncedFile, FlightFile
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
@@ -38,4 +38,4 @@ SUBJECT = web.RequestKey("subject", Subject)
 DIGEST = web.RequestKey("digest", Digest)
 RANGE = web.RequestKey("range", ByteRange)
 SENT = web.RequestKey("sent", int)
-IN_FLIGHT: web.RequestKey[FlightFile] = web.RequestKey("in_flight")  # a blob answered while it is fetched
+IN_FLIGHT: web.RequestKey[FlightFile | AnnouncedFile] = web.RequestKey("in_flight")  # a blob answered while it is fetched

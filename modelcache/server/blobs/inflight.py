@@ -1,7 +1,8 @@
 """A blob GET for content a download of this process is still fetching: answered at once, bytes as they arrive.
 
 The registry of files in flight is ``downloads/inflight.py`` (digest -> partial file, declared size,
-how far the bytes on disk reach). :func:`in_flight` gives :func:`~.serve.servable_blob` an entry for
+how far the bytes on disk reach; for a download running in another process, ``fetchd``, its
+announcement on disk, :func:`announced`). :func:`in_flight` gives :func:`~.serve.servable_blob` an entry for
 such a digest (the declared size; promoted or staged as its artifact will be, so the one rule,
 ``Subject.withheld``, decides who may read it), and :func:`send_in_flight` is what
 :func:`~.serve.send_blob` does instead of sendfile: the headers (200 with the declared
@@ -20,7 +21,7 @@ import os
 from aiohttp import web
 
 from ...digest import Digest
-from ...downloads.inflight import FLIGHTS, FlightFile
+from ...downloads.inflight import FLIGHTS, AnnouncedFile, FlightFile
 from ...hashing import CHUNK
 from ..catalog import BlobEntry
 from ..keys import IN_FLIGHT, METRICS, SENT, STORE
@@ -40,7 +41,16 @@ def in_flight(request: web.Request, digest: Digest) -> BlobEntry | None:
     return BlobEntry(flight.size, "present", flight.promoted)
 
 
-async def send_in_flight(request: web.Request, response: web.StreamResponse, flight: FlightFile,
+async def announced(request: web.Request, digest: Digest) -> BlobEntry | None:
+    """The entry of a blob another process (``fetchd``) announces it is fetching, as :func:`in_flight`."""
+    flight = await AnnouncedFile.find(request.app[STORE], digest)
+    if flight is None or flight.failure is not None:
+        return None
+    request[IN_FLIGHT] = flight
+    return BlobEntry(flight.size, "present", flight.promoted)
+
+
+async def send_in_flight(request: web.Request, response: web.StreamResponse, flight: FlightFile | AnnouncedFile,
                          offset: int, count: int) -> web.StreamResponse:
     """Bytes ``offset`` to ``offset + count`` of a file in flight, as its partial file grows."""
     digest, end, at = flight.digest, offset + count, offset
@@ -84,6 +94,7 @@ async def send_in_flight(request: web.Request, response: web.StreamResponse, fli
                     request.remote, at, digest, offset, end - 1, exc)
         return response
     finally:
+        flight.release()
         if fd >= 0:
             os.close(fd)
         request[SENT] = at - offset
@@ -91,7 +102,7 @@ async def send_in_flight(request: web.Request, response: web.StreamResponse, fli
     return response
 
 
-async def _open(request: web.Request, flight: FlightFile) -> int:
+async def _open(request: web.Request, flight: FlightFile | AnnouncedFile) -> int:
     """The file's descriptor: the partial file (renamed when verified), else the committed blob."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + OPEN_SECONDS

@@ -21,7 +21,7 @@ from ...errors import Forbidden, NotFound
 from ..auth import authenticate
 from ..catalog import BlobEntry
 from ..keys import CATALOG, DIGEST, IN_FLIGHT, METRICS, RANGE, SENT, STORE
-from .inflight import in_flight, send_in_flight
+from .inflight import announced, in_flight, send_in_flight
 from .ranges import Unsatisfiable, parse_range
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ async def servable_blob(request: web.Request, digest: Digest, subject: Subject) 
     if entry is None:
         entry = await catalog.lookup(digest)
     if entry is None or entry.state == "evicted":
-        entry = in_flight(request, digest) or entry  # still being fetched here: streamed (inflight.py)
+        # still being fetched, here or by another process (fetchd): streamed (inflight.py)
+        entry = in_flight(request, digest) or await announced(request, digest) or entry
     return servable(digest, entry, subject)
 
 

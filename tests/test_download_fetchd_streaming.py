@@ -1,0 +1,194 @@
+"""A blob a separate ``modelcache fetchd`` process is still fetching is streamed by the server as it arrives.
+
+The server is this test's app; the download runs in a real ``modelcache fetchd`` subprocess on the same
+data dir and database, from an ``ollama`` source: a second modelcache (test_download_sources.py's
+upstream) behind test_pull_through_streaming.py's slow proxy, which hands the model layer over in about
+four seconds and can lie about one blob's last byte. The server learns of the file from the
+announcement the fetchd writes under ``tmp/downloads/inflight/`` (``downloads/inflight.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from test_download_sources import UPSTREAM_TOKEN, upstream  # noqa: F401
+from test_downloads import allow, bearer, request_download
+from test_pull_through import download_rows, make_pt_settings, upstream_manifest  # noqa: F401
+from test_pull_through_streaming import SlowProxy, read_timed
+
+pytestmark = pytest.mark.registry
+
+
+class Fetchd:
+    """A real ``modelcache fetchd`` subprocess; its log is ``tmp_path/fetchd.log``."""
+
+    def __init__(self, tmp_path: Path, conf: Path, dsn: str, data: Path, token: str) -> None:
+        self.args = [sys.executable, "-m", "modelcache", "fetchd", "--config", str(conf), "--dsn", dsn,
+                     "--data-dir", str(data)]
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELCACHE_")},
+                    UPSTREAM_TOKEN: token}
+        self.log = tmp_path / "fetchd.log"
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + 30
+        while "downloads: up to" not in self.log.read_text():
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            await asyncio.sleep(0.1)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+
+
+@pytest.fixture
+async def apart(upstream, make_pt_settings, start_server, db, dsn, tmp_path):  # noqa: F811
+    """Our server (this process, no worker) and a fetchd beside it; (server, proxy, fetchd, layer, manifest)."""
+    proxy = SlowProxy(upstream.url)
+    await proxy.start()
+    settings = make_pt_settings({"registry": ("ollama", proxy.url)})
+    server = await start_server(settings)
+    fetchd = Fetchd(tmp_path, tmp_path / "modelcache.toml", dsn, settings.data_dir, upstream.token)
+    await fetchd.start()
+    await allow(db, "registry")
+    async with aiohttp.ClientSession() as http:
+        manifest = await upstream_manifest(http, upstream, "meta/tinyllama", "1b")
+    layer = max(json.loads(manifest)["layers"], key=lambda layer: layer["size"])
+    assert layer["size"] == len(upstream.gguf_bytes)
+    server.data_dir = settings.data_dir
+    yield server, proxy, fetchd, layer
+    fetchd.stop()
+    await proxy.stop()
+
+
+async def ask(http, server, operator: str) -> str:
+    job = await request_download(http, server, operator, source="registry", reference="meta/tinyllama:1b",
+                                 model="tinyllama", vendor="meta", version="1b")
+    return job["id"]
+
+
+async def until_served(http, url, node: str) -> float:
+    """Seconds until the blob is answered (HEAD 200): the fetchd has announced it."""
+    started = time.monotonic()
+    while True:
+        async with http.head(url, headers=bearer(node)) as r:
+            if r.status == 200:
+                return time.monotonic() - started
+            assert r.status == 404
+        assert time.monotonic() - started < 20, "the blob was never answered while it was fetched"
+        await asyncio.sleep(0.05)
+
+
+def state(dsn: str) -> str:
+    return download_rows(dsn)[-1]["state"]
+
+
+async def until_state(dsn: str, wanted: str) -> None:
+    for _ in range(200):
+        if state(dsn) == wanted:
+            return
+        await asyncio.sleep(0.1)
+    assert state(dsn) == wanted
+
+
+async def test_a_blob_fetchd_is_fetching_is_streamed_by_the_server(
+        upstream, apart, http, dsn, make_token):  # noqa: F811
+    server, _, _, layer = apart
+    content = upstream.gguf_bytes
+    node, operator = await make_token("node"), await make_token("operator")
+    url = server.make_url(f"/v1/blobs/{layer['digest']}")
+    async with http.head(url, headers=bearer(node)) as r:
+        assert r.status == 404  # nothing yet
+    await ask(http, server, operator)
+    await until_served(http, url, node)
+
+    asked = time.monotonic()
+    async with http.get(url, headers=bearer(node)) as r:
+        assert r.status == 200 and r.content_length == len(content)
+        running = state(dsn)
+        body, first = await read_timed(r, asked)
+    took = time.monotonic() - asked
+    assert running == "running"  # answered while the fetchd was still fetching it
+    assert first < 1.0, f"first byte after {first:.2f}s"
+    assert took >= 1.5, f"the whole body took {took:.2f}s: it was not fetched while streamed"
+    assert body == content and "sha256:" + hashlib.sha256(body).hexdigest() == layer["digest"]
+    async with http.get(server.make_url(f"/v2/meta/tinyllama/blobs/{layer['digest']}"),
+                        headers={**bearer(node), "Range": "bytes=10-99"}) as r:
+        assert r.status in (200, 206)  # in flight or committed by now: served either way
+    await until_state(dsn, "completed")
+    async with http.get(url, headers=bearer(node)) as r:
+        assert r.status == 200 and await r.read() == content
+    for _ in range(50):  # the announcements go with the job (just after its row says completed)
+        if not (server.data_dir / "tmp" / "downloads" / "inflight").exists():
+            break
+        await asyncio.sleep(0.1)
+    assert not (server.data_dir / "tmp" / "downloads" / "inflight").exists()
+
+
+async def test_a_blob_whose_upstream_lies_is_cut_short_by_the_server_too(
+        upstream, apart, http, dsn, make_token, caplog):  # noqa: F811
+    server, proxy, _, layer = apart
+    content = upstream.gguf_bytes
+    proxy.lie_about = layer["digest"]
+    node, operator = await make_token("node"), await make_token("operator")
+    url = server.make_url(f"/v1/blobs/{layer['digest']}")
+    await ask(http, server, operator)
+    await until_served(http, url, node)
+    got = bytearray()
+    with caplog.at_level(logging.WARNING, logger="modelcache.server.blobs.inflight"):
+        async with http.get(url, headers=bearer(node)) as r:
+            assert r.status == 200 and r.content_length == len(content)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async for chunk in r.content.iter_any():
+                    got += chunk
+    assert 0 < len(got) < len(content)  # never the whole (wrong) body
+    assert bytes(got) == content[:len(got)]  # the changed last byte was held back
+    assert any("cut off" in m and layer["digest"] in m for m in caplog.messages), caplog.messages
+    await until_state(dsn, "failed")
+    async with http.head(url, headers=bearer(node)) as r:
+        assert r.status == 404
+
+
+async def test_a_killed_fetchd_ends_the_answer_short_and_then_404(
+        upstream, apart, http, dsn, make_token, caplog):  # noqa: F811
+    server, _, fetchd, layer = apart
+    content = upstream.gguf_bytes
+    node, operator = await make_token("node"), await make_token("operator")
+    url = server.make_url(f"/v1/blobs/{layer['digest']}")
+    await ask(http, server, operator)
+    await until_served(http, url, node)
+    got = bytearray()
+    with caplog.at_level(logging.WARNING, logger="modelcache.server.blobs.inflight"):
+        async with http.get(url, headers=bearer(node)) as r:
+            assert r.status == 200
+            got += await r.content.readany()
+            fetchd.kill()  # mid-transfer: its announcement is left, its heartbeat stops
+            killed = time.monotonic()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async for chunk in r.content.iter_any():
+                    got += chunk
+    assert time.monotonic() - killed < 10  # within the heartbeat's staleness (5 s) and a poll
+    assert 0 < len(got) < len(content) and bytes(got) == content[:len(got)]
+    assert any("has not announced progress" in m for m in caplog.messages), caplog.messages
+    async with http.head(url, headers=bearer(node)) as r:
+        assert r.status == 404  # a stale announcement is no longer in flight
