@@ -804,3 +804,54 @@ async def test_cli_download_approve_reject_cancel(nginx, make_download_settings,
     assert "waits for an admin's approval" in done.stderr
     again = await cli(admin, "cancel", download_id)
     assert again.returncode == 1 and "409" in again.stderr
+
+
+# -- an http download with an expected sha256 is streamed while it is fetched ---------------
+
+
+@needs_nginx
+async def test_an_http_download_with_an_expected_sha256_is_streamed_while_it_is_fetched(
+        nginx, make_download_settings, start_server, worker, db, http, make_token):
+    """The expected sha256 and the upstream's Content-Length declare the file as a plan declares its
+    files: a blob GET by that digest is answered at once and follows the partial file. Without an
+    expected sha256 no client can name the blob before it is whole: its digest is not known yet."""
+    content = gguf_bytes(n_floats=6 << 20)  # 24 MiB at 8 MiB/s: about 3 s
+    digest = put(nginx, "model.gguf", content)
+    other = gguf_bytes(n_floats=6 << 20)
+    other_digest = put(nginx, "other.gguf", other)
+    settings = make_download_settings({"slow": nginx.url + "slow/"})
+    await allow(db, "slow")
+    server = await start_server(settings)
+    await worker(settings)
+    operator, node = await make_token("operator"), await make_token("node")
+    job = await request_download(http, server, operator, source="slow", reference="files/model.gguf",
+                                 model="tiny", version="1", sha256=digest)
+    unnamed = await request_download(http, server, operator, source="slow", reference="files/other.gguf",
+                                     model="other", version="1")
+    url = server.make_url(f"/v1/blobs/{digest}")
+    deadline = time.monotonic() + 10
+    while True:
+        async with http.head(url, headers=bearer(node)) as r:
+            if r.status == 200:
+                assert r.content_length == len(content)
+                break
+        assert time.monotonic() < deadline, "the blob was not answered while it was fetched"
+        await asyncio.sleep(0.05)
+    asked = time.monotonic()
+    async with http.get(url, headers=bearer(node)) as r:
+        assert r.status == 200 and r.content_length == len(content)
+        first = await r.content.readany()
+        first_at = time.monotonic() - asked
+        async with http.get(server.make_url(f"/v1/downloads/{job['id']}"), headers=bearer(operator)) as d:
+            running = (await d.json())["state"]
+        async with http.head(server.make_url(f"/v1/blobs/{other_digest}"), headers=bearer(node)) as o:
+            unnamed_status = o.status
+        body = first + await r.read()
+    took = time.monotonic() - asked
+    assert running == "running" and first_at < 1.0, (running, first_at)
+    assert took >= 1.0, f"the whole body took {took:.2f}s: it was not fetched while streamed"
+    assert body == content
+    assert unnamed_status == 404  # the download without a sha256: nothing streams it by its digest
+    done = await wait_for(http, server, operator, job["id"])
+    assert done["state"] == "completed" and done["digest"] == digest
+    assert (await wait_for(http, server, operator, unnamed["id"]))["digest"] == other_digest

@@ -1,7 +1,9 @@
 """The files this process is fetching right now, by the digest their upstream declared: what a blob GET
 for content still being fetched streams from (``server/blobs/inflight.py``).
 
-A job's plan declares each file's sha256 and size before any byte moves (``plans.py``). The worker
+A job's plan declares each file's sha256 and size before any byte moves (``plans.py``); an ``http`` job
+declares its one file when it was asked with an expected sha256 and the upstream answered a size (without
+one, no client can name the file before it is whole: its digest is not known yet). The worker
 registers them here for the job's life (:meth:`InFlight.job`) and tells each :class:`FlightFile`
 how far its partial file's contiguous prefix has reached the disk (``grew``), that the file's
 transfer started over (``restarted``: the bytes sent so far may be of another version), and how it

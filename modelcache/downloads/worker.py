@@ -21,6 +21,7 @@ validator with ``If-Range``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -228,21 +229,42 @@ class DownloadWorker:
                                   job["model_vendor"], job["artifact_type"], source_uri=url)
         expected = Digest.parse(job["expected_sha256"]) if job["expected_sha256"] else None
         policy = HopPolicy(source, allowed, self.settings.downloads.max_redirects)
+        # with an expected sha256 and the upstream's size, the file is in flight like a declared one: a
+        # blob GET by that digest streams it (inflight.py). Without one no client can name it before it ends.
+        promoted = (await preferences.effective(self.db))[AUTO_PROMOTE] if expected is not None else False
+        flights = contextlib.ExitStack()
+        flight: FlightFile | None = None
 
         async def opened(transfer: Transfer, restarted: bool) -> None:
+            nonlocal flight
             await eviction.admit(self.db, transfer.total or 0)  # refused (507) before the body is read
             await self._started(job, transfer, resumed=transfer.offset > 0 or job["resumed"] or restarted)
+            if expected is None or transfer.total is None:
+                return
+            if flight is None:
+                flight = flights.enter_context(FLIGHTS.job(self.store.root, job_id, [(expected, transfer.total)],
+                                                           promoted)).file(expected)
+            elif flight.size != transfer.total:  # the upstream's file changed size: not the one expected
+                flight.fail(f"{url} is now {transfer.total} bytes, not {flight.size}")
 
-        async with open_session(policy, self.settings.downloads) as session:
-            transfer = Transfer(session, policy, url, source.token(), settings=self.settings.downloads)
-            self._transfers[job_id] = transfer  # its progress, and why it is retrying, reach the row
-            temp = await fetch(transfer, self.store, str(job_id), on_open=opened)
-        try:
-            ingested = await ingest_stream(self.db, self.store, req, _no_chunks(), expected=expected,
-                                           total=transfer.total, temp=temp)
-        finally:
-            temp.close()  # kept on disk unless committed: the next attempt resumes from it
-        return await register(self.db, self.store, req, ingested, requester(job))
+        def on_disk(path: Path, available: int) -> None:
+            if flight is not None:
+                flight.started(path, available)
+
+        with flights:
+            async with open_session(policy, self.settings.downloads) as session:
+                transfer = Transfer(session, policy, url, source.token(), settings=self.settings.downloads)
+                self._transfers[job_id] = transfer  # its progress, and why it is retrying, reach the row
+                temp = await fetch(transfer, self.store, str(job_id), on_open=opened,
+                                   on_disk=on_disk if expected is not None else None)
+            try:
+                ingested = await ingest_stream(self.db, self.store, req, _no_chunks(), expected=expected,
+                                               total=transfer.total, temp=temp)
+            finally:
+                temp.close()  # kept on disk unless committed: the next attempt resumes from it
+            if flight is not None:
+                flight.verify()  # committed, its sha256 matched: the answers streaming it may end
+            return await register(self.db, self.store, req, ingested, requester(job))
 
     # -- a multi-file artifact (kinds modelcache, huggingface, ollama) ----------
 
