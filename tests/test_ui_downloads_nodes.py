@@ -124,10 +124,30 @@ async def test_each_role_is_offered_what_it_may_do_and_the_v1_rules_speak_on_the
                                                                                "token:bea")
     status, text, _ = await ada.get("/ui/downloads?state=rejected")
     assert "use the Q5 file" in text and did not in text
+    status, text, _ = await ada.get("/ui/downloads?source=c")
+    assert did not in text and mine["id"] not in text and '<option value="c" selected>c</option>' in text
     status, text, _ = await bea.post(f"/ui/downloads/{mine['id']}/approve", {})
     assert status == 409 and "only a download that is pending_approval can be approved" in text
     status, text, _ = await ops.post(f"/ui/downloads/{did}/cancel", {})
     assert status == 303 and (await state_of(http, cache, admin, did))["state"] == "cancelled"
+
+
+async def test_the_list_pages_by_state(cache, http, make_token, monkeypatch):
+    from modelcache.server.ui import downloads
+    monkeypatch.setattr(downloads, "PAGE_SIZE", 1)
+    operator, admin = await make_token("operator", "op"), await make_token("admin", "ada")
+    older = await request_download(http, cache, operator, source="a", reference="m.gguf", model="m", version="1")
+    newer = await request_download(http, cache, operator, source="a", reference="n.gguf", model="n", version="1")
+    b = browser_for(cache, http)
+    await b.sign_in(admin)
+    status, text, _ = await b.get("/ui/downloads?state=pending_approval")
+    assert newer["id"] in text and older["id"] not in text and "First page" not in text
+    next_page = re.search(r'<a href="(/ui/downloads\?[^"]+)" rel="next">', text).group(1).replace("&amp;", "&")
+    assert "state=pending_approval" in next_page and "cursor=" in next_page
+    status, text, _ = await b.get(next_page)
+    assert older["id"] in text and newer["id"] not in text
+    assert '<a href="/ui/downloads?state=pending_approval">First page</a>' in text
+    assert f'data-live="/ui/downloads/rows?{next_page.partition("?")[2]}"'.replace("&", "&amp;") in text
 
 
 async def test_the_rows_fragment_is_the_pages_table_body(cache, http, make_token):

@@ -24,6 +24,7 @@ from ...errors import ModelcacheError
 from ...formats import ARTIFACT_TYPES
 from ..keys import SETTINGS
 from ..v1 import admin, downloads as v1
+from ..v1.api import Handler
 from .live import fragment
 from .pages import Ui, form, page, render, see_other
 
@@ -66,7 +67,7 @@ async def _context(request: web.Request, ui: Ui, filters: dict[str, str], *, err
     context = await _listing(ui, filters)
     may_request = ui.may(v1.create_download)
     context.update(
-        states=v1.STATES, artifact_types=ARTIFACT_TYPES, error=error, entered=entered or {}, may_request=may_request,
+        states=v1.STATES, source_ids=sorted(request.app[SETTINGS].sources), artifact_types=ARTIFACT_TYPES, error=error, entered=entered or {}, may_request=may_request,
         sources=await _offered_sources(request, ui) if may_request else [],
         configured=bool(request.app[SETTINGS].sources))
     return context
@@ -83,7 +84,7 @@ async def download_rows(request: web.Request, ui: Ui) -> dict:
     return await _listing(ui, _filters(request.query))
 
 
-async def _act(request: web.Request, ui: Ui, data: MultiDictProxy, verb: str, handler, *,
+async def _act(request: web.Request, ui: Ui, data: MultiDictProxy, verb: str, handler: Handler, *,
                params: dict[str, str] | None = None, body: Any = None) -> web.StreamResponse:
     """Invoke a /v1 download endpoint; on success back to the list, on a refusal the list with its words."""
     filters = _back(data)
