@@ -194,13 +194,13 @@ def test_a_node_report_changes_its_cell_without_a_reload(browser, ui_run):
         status, body = api(ui_run, "POST", f"/v1/nodes/{node_id}/availability", token=node_token,
                            body={"model_version_id": version_id, "status": status_, "details": details})
         assert status == 200, body
-        wait_for(driver, lambda d: element(d, cell_id)["status"] == status_, 5)
+        wait_for(driver, lambda d: element(d, cell_id)["status"] == status_, 10)
     assert "load pending" not in element(driver, cell_id)["text"]
     assert element(driver, f"load-{load['id']}")["cls"] == "load-available"
     assert driver.execute_script("return window.notReloaded === true;")
     status, _ = api(ui_run, "POST", f"/v1/nodes/{node_id}/availability", token=node_token,
                     body={"model_version_id": version_id, "status": "failed", "details": {"error": "disk full"}})
-    wait_for(driver, lambda d: "node-failed" in element(d, f"node-{node_id}")["cls"], 5)
+    wait_for(driver, lambda d: "node-failed" in element(d, f"node-{node_id}")["cls"], 10)
     assert "disk full" in element(driver, cell_id)["text"]
     for size, label in SIZES:
         driver.set_window_size(*size)
@@ -217,9 +217,10 @@ def test_live_updates_stop_while_the_tab_is_hidden(browser, ui_run):
     before = polls(driver)
     driver.switch_to.new_window("tab")  # the dashboard's tab goes to the background: hidden
     driver.get(f"{ui_run.base}/ui/signin")
-    time.sleep(4)
+    time.sleep(6)
     driver.switch_to.window(page)  # visible again: one refresh at once, then once a second
-    assert polls(driver) - before <= 2, "live.js kept polling while the tab was hidden"
+    # at most: one under way as it was hidden, one more if the switch was slow, the one on showing
+    assert polls(driver) - before <= 3, "live.js kept polling while the tab was hidden"
     back = polls(driver)
     wait_for(driver, lambda d: polls(d) >= back + 2, 5)
     assert_no_console_errors(driver)
