@@ -159,10 +159,22 @@ def test_an_operator_is_offered_no_approval_and_the_pages_fit_a_phone(browser, u
         assert not driver.find_elements(By.CSS_SELECTOR, "button[name=approve], button[name=reject]")
         options = [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#nd-source option")]
         assert options == ["local"]
-        width = driver.execute_script("return document.documentElement.scrollWidth")
-        assert width <= size[0], f"the page is {width}px wide in a {size[0]}px window"
+        assert_fits(driver)
         screenshot(driver, f"downloads-{label}")
         assert_no_console_errors(driver)
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                           {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    for name in ("downloads", "nodes"):
+        driver.get(f"{ui_run.base}/ui/{name}")
+        assert driver.execute_script("return getComputedStyle(document.body).backgroundColor") == "rgb(18, 22, 28)"
+        screenshot(driver, f"{name}-dark-390x844")
+    assert_no_console_errors(driver)
+
+
+def assert_fits(driver) -> None:
+    """Nothing wider than the window: a phone scrolls down, never sideways (tables scroll in their card)."""
+    overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"{driver.current_url} is {overflow}px wider than the window"
 
 
 def element(driver, element_id: str) -> dict:
@@ -204,6 +216,7 @@ def test_a_node_report_changes_its_cell_without_a_reload(browser, ui_run):
     assert "disk full" in element(driver, cell_id)["text"]
     for size, label in SIZES:
         driver.set_window_size(*size)
+        assert_fits(driver)
         screenshot(driver, f"nodes-{label}")
     assert_no_console_errors(driver)
 
