@@ -313,7 +313,7 @@ class AnnouncedFile:
 
     def _follow(self, state: dict) -> None:
         path = Path(state["path"]) if state.get("path") else None
-        if path is not None and not path.is_relative_to(self.store.downloads_dir):
+        if path is not None and (not path.is_relative_to(self.store.downloads_dir) or ".." in path.parts):
             self.failure = f"its announcement names {path}, outside {self.store.downloads_dir}"
             return
         generation = int(state["generation"])
