@@ -7,12 +7,12 @@ parts in a real chromium are in test_ui_live_browser.py.
 
 from __future__ import annotations
 
+import asyncio
 import re
-import uuid
 
 import pytest
 
-from test_downloads import allow, audit_rows, bearer, make_download_settings, request_download  # noqa: F401
+from test_downloads import allow, audit_rows, bearer, make_download_settings, request_download  # noqa: F401 - a fixture
 from test_ui import Browser
 
 pytestmark = pytest.mark.registry
@@ -211,7 +211,6 @@ async def test_the_nodes_page_shows_reports_stale_and_failed_nodes_and_load_requ
     status, text, _ = await b.get("/ui/nodes/live")
     assert status == 200 and text.lstrip().startswith('<div id="nodes-live"') and "<html" not in text
     # silent past nodes.heartbeat_timeout: stale, and so highlighted
-    import asyncio
     await asyncio.sleep(2.2)
     status, _ = await api("POST", f"/v1/nodes/{gpu2[0]}/heartbeat", token=gpu2[1])
     status, text, _ = await b.get("/ui/nodes")
