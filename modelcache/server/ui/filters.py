@@ -27,6 +27,11 @@ def when(t: dt.datetime | None) -> str:
     return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if t else "—"
 
 
+def stamp(t: dt.datetime | None) -> str:
+    """A timestamp in UTC, compact, for tables whose heading says UTC: '12-02 01:37:45'."""
+    return t.astimezone(dt.timezone.utc).strftime("%m-%d %H:%M:%S") if t else "—"
+
+
 def ago(t: dt.datetime | None, now: dt.datetime | None = None) -> str:
     """How long ago, roughly: '40 s ago', '3 min ago', '2 h ago', '5 d ago'."""
     if t is None:
@@ -53,4 +58,4 @@ def duration(seconds: Any) -> str:
 
 
 def install(env: jinja2.Environment) -> None:
-    env.filters.update(size=size, when=when, ago=ago, duration=duration)
+    env.filters.update(size=size, when=when, stamp=stamp, ago=ago, duration=duration)
