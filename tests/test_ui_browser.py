@@ -163,6 +163,7 @@ def test_every_page_at_a_laptop_and_a_phone_size(browser, ui_run):
         driver.find_element(By.CSS_SELECTOR, "#artifacts tbody tr a").click()
         wait_for(driver, expected_conditions.presence_of_element_located((By.ID, "pull-1")))
         assert "/v1/blobs/sha256:" in driver.find_element(By.ID, "pull-1").text
+        assert driver.find_element(By.CSS_SELECTOR, "button[data-copy]").is_displayed()  # ui.js ran
         screenshot(driver, f"artifact-{width}x{height}")
         assert_no_console_errors(driver)
 
@@ -179,3 +180,21 @@ def test_the_system_dark_mode_is_honoured(browser, ui_run):
         driver.get(f"{ui_run.base}{path}")
         screenshot(driver, f"{name}-dark-1280x800")
     assert_no_console_errors(driver)
+
+
+def test_pages_read_and_actions_work_without_javascript(browser, ui_run):
+    driver = browser(*LAPTOP, javascript=False)
+    sign_in(driver, ui_run.base, ui_run.tokens["operator"])
+    for path in PAGES.values():
+        driver.get(f"{ui_run.base}{path}")
+        assert driver.find_element(By.CSS_SELECTOR, "main h1").text
+    driver.get(f"{ui_run.base}/ui/models")
+    row = next(r for r in driver.find_elements(By.CSS_SELECTOR, "#artifacts tbody tr") if "acme/tiny:1" in r.text)
+    row.find_element(By.LINK_TEXT, "Pin").click()
+    driver.find_element(By.ID, "confirm").click()
+    wait_for(driver, expected_conditions.text_to_be_present_in_element((By.CSS_SELECTOR, "main"), "Pinned tiny:1"))
+    row = next(r for r in driver.find_elements(By.CSS_SELECTOR, "#artifacts tbody tr") if "acme/tiny:1" in r.text)
+    assert "pinned" in row.text
+    row.find_element(By.CSS_SELECTOR, "td a").click()
+    assert "/v1/blobs/sha256:" in driver.find_element(By.ID, "pull-1").text  # to select and copy by hand
+    assert not driver.find_element(By.CSS_SELECTOR, "button[data-copy]").is_displayed()  # ui.js did not run

@@ -1,7 +1,8 @@
 """Browser tests' tools: a real chromium driven by selenium, and a real ``modelcache run`` to point it at.
 
 - ``browser`` (a fixture factory): a headless chromium (Debian's ``chromium`` + ``chromium-driver``) at a
-  window size, e.g. ``browser(*LAPTOP)`` or ``browser(*PHONE)``; quit at the end of the test.
+  window size, e.g. ``browser(*LAPTOP)`` or ``browser(*PHONE)`` (``javascript=False``: with scripts off);
+  quit at the end of the test.
 - ``needs_browser``: skips, saying why, where no chromium or chromedriver is installed (``.ci/run``
   installs both).
 - ``screenshot(driver, name)``: a PNG under ``test-screenshots/`` (gitignored) for a person to look at.
@@ -68,8 +69,10 @@ def browser():
     """``browser(width, height)``: a new headless chromium with that window size."""
     drivers = []
 
-    def make(width: int, height: int):
+    def make(width: int, height: int, javascript: bool = True):
         options = webdriver.ChromeOptions()
+        if not javascript:  # as a browser with scripts turned off sees the pages
+            options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
         options.binary_location = CHROMIUM
         for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                     "--no-first-run", "--disable-extensions", "--disable-background-networking",
