@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, StrictInt
 from ... import preferences, tokens
 from ...auth import Role
 from ...db import audit
+from ..keys import CATALOG
 from .api import ADMINS, ALL_ROLES, MANAGERS, Call, Query, Strict, endpoint
 from .types import Limit, TokenName
 
@@ -94,6 +95,7 @@ async def create_token(call: Call) -> TokenCreated:
     lifetime = tokens.parse_duration(body.expires_in) if body.expires_in else None
     secret, row = await tokens.create_token(call.db, name=body.name, role=body.role, subject=call.subject,
                                             node_id=body.node_id, expires_in=lifetime)
+    await call.request.app[CATALOG].tokens_changed()  # the token works as we answer
     return TokenCreated(token=secret, **row)
 
 
@@ -107,6 +109,7 @@ async def list_tokens(call: Call) -> TokenList:
           response=TokenOut, tag="admin")
 async def revoke_token(call: Call) -> TokenOut:
     await tokens.revoke_token(call.db, call.param("name"), call.subject)
+    await call.request.app[CATALOG].tokens_changed()  # refused by this server as we answer
     rows = [r for r in await tokens.list_tokens(call.db) if r["name"] == call.param("name")]
     return TokenOut(**rows[0])
 

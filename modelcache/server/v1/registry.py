@@ -293,6 +293,7 @@ async def unpin(call: Call) -> ArtifactOut:
 async def evict(call: Call) -> EvictOut:
     done = await artifacts.evict(call.db, call.request.app[STORE], call.param("artifact"), call.subject,
                                  reason="requested")
+    await call.request.app[CATALOG].changed(done.removed_blobs)  # no longer served as we answer
     return EvictOut(artifact=artifact_out(await artifacts.load(call.db, str(done.artifact_id))),
                     freed_bytes=done.freed_bytes, removed_blobs=done.removed_blobs)
 
@@ -302,6 +303,7 @@ async def evict(call: Call) -> EvictOut:
 async def verify(call: Call) -> VerifyOut:
     report = await artifacts.verify_artifact(call.db, call.request.app[STORE], call.param("artifact"),
                                              call.subject)
+    await call.request.app[CATALOG].changed([b["digest"] for b in report["blobs"] if not b["ok"]])  # quarantined
     return VerifyOut(ok=report["ok"], artifact=artifact_out(report["artifact"]),
                      blobs=[BlobCheckOut(**b) for b in report["blobs"]])
 
