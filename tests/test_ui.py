@@ -184,6 +184,9 @@ async def test_every_page_renders_for_every_role(role, staging, browser, make_to
     assert str(staged.digest)[:19] in models
     manager = role in ("admin", "operator")
     assert (f"/ui/models/{staged.artifact_id}/promote" in models) is manager
+    # the navigation offers the download and audit lists only to the roles that may read them
+    assert ('href="/ui/downloads"' in overview) is manager and ('href="/ui/audit"' in overview) is manager
+    assert 'href="/ui/nodes"' in overview and 'href="/ui/policy"' in overview
     _, audit_page, _ = await b.get("/ui/audit")
     assert ("needs the admin or operator role" in audit_page) is not manager
     _, policy_page, _ = await b.get("/ui/policy")

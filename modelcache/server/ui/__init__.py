@@ -24,7 +24,7 @@ from ...errors import Forbidden, ModelcacheError
 from .. import errors
 from ..keys import CATALOG, SETTINGS
 from . import session as sessions
-from .pages import ROUTES, audit_event, form, render, see_other, signed_in
+from .pages import ROUTES, audit_event, form, render, sections, see_other, signed_in
 from . import filters, traffic
 from . import overview, models, downloads, nodes, audit, policy  # noqa: F401 - each registers its routes
 
@@ -124,7 +124,8 @@ def error_page(request: web.Request, exc: ModelcacheError) -> web.Response:
     found = sessions.current(request)
     context = {"status": exc.status, "title": exc.title, "detail": exc.detail}
     if found is not None:
-        context.update(subject=found[1], role=found[1].role.value, csrf=found[0].csrf)
+        context.update(subject=found[1], role=found[1].role.value, csrf=found[0].csrf, sections=sections(found[1]),
+                       path=request.path)
     return render(request, "error.html", context, status=exc.status)
 
 

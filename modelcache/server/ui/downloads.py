@@ -25,7 +25,6 @@ from ...formats import ARTIFACT_TYPES
 from ..keys import SETTINGS
 from ..v1 import admin, downloads as v1
 from ..v1.api import Handler
-from .live import fragment
 from .pages import Ui, form, page, render, see_other
 
 PAGE_SIZE = 25
@@ -78,7 +77,7 @@ async def downloads_page(request: web.Request, ui: Ui) -> dict:
     return await _context(request, ui, _filters(request.query))
 
 
-@fragment("/ui/downloads/rows", "download_rows.html")
+@page("/ui/downloads/rows", "download_rows.html", fragment=True)
 async def download_rows(request: web.Request, ui: Ui) -> dict:
     """The table body alone, for live.js: the same rows the page renders."""
     return await _listing(ui, _filters(request.query))

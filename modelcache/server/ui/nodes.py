@@ -15,7 +15,6 @@ from typing import Any
 from aiohttp import web
 
 from ..v1 import nodes as v1
-from .live import fragment
 from .pages import Ui, page
 
 NODES_SHOWN = 200
@@ -72,7 +71,7 @@ async def nodes_page(request: web.Request, ui: Ui) -> dict:
     return await _grid(ui)
 
 
-@fragment("/ui/nodes/live", "nodes_live.html")
+@page("/ui/nodes/live", "nodes_live.html", fragment=True)
 async def nodes_live(request: web.Request, ui: Ui) -> dict:
     """The grid and the load requests alone, for live.js."""
     return await _grid(ui)

@@ -38,7 +38,8 @@ from ...db import audit
 from ...errors import DatabaseUnavailable, Forbidden
 from ...logs import printable
 from ..keys import DATABASE
-from ..v1 import api
+from ..v1 import admin, api
+from ..v1 import downloads as v1_downloads
 from . import session as sessions
 
 logger = logging.getLogger(__name__)
@@ -76,10 +77,25 @@ class Ui:
         """Say ``notice`` on the next page this browser sees (after a form's redirect)."""
         self.session.notices.append(notice)
 
-    def context(self) -> dict[str, Any]:
-        notices, self.session.notices = self.session.notices, []
+    def context(self, *, take_notices: bool = True) -> dict[str, Any]:
+        notices: list[str] = []
+        if take_notices:
+            notices, self.session.notices = self.session.notices, []
         return {"subject": self.subject, "role": self.subject.role.value, "csrf": self.session.csrf,
-                "path": self.request.path, "may": self.may, "notices": notices}
+                "path": self.request.path, "may": self.may, "notices": notices, "sections": sections(self.subject)}
+
+
+# The navigation: a section whose list a role may not read (the /v1 endpoint named) is not offered.
+SECTIONS: list[tuple[str, str, api.Handler | None]] = [
+    ("/ui/", "Overview", None), ("/ui/models", "Models", None),
+    ("/ui/downloads", "Downloads", v1_downloads.list_downloads), ("/ui/nodes", "Nodes", None),
+    ("/ui/audit", "Audit", admin.list_audit), ("/ui/policy", "Policy", None)]
+
+
+def sections(subject: Subject) -> list[tuple[str, str]]:
+    """The navigation this subject is offered: (href, label)."""
+    return [(href, label) for href, label, reads in SECTIONS
+            if reads is None or api.allows(api.endpoint_for(reads), subject)]
 
 
 PageHandler = Callable[[web.Request, Ui], Awaitable[dict[str, Any] | web.StreamResponse]]
@@ -109,8 +125,15 @@ def render(request: web.Request, template: str, context: dict[str, Any], status:
     return response
 
 
-def page(path: str, template: str) -> Callable[[PageHandler], PageHandler]:
-    """A GET page for signed-in browsers; the handler returns the template's context (or a response)."""
+def page(path: str, template: str, *, fragment: bool = False) -> Callable[[PageHandler], PageHandler]:
+    """A GET page for signed-in browsers; the handler returns the template's context (or a response).
+
+    A ``fragment`` is one part of a page (its template renders one element, with the ``id`` of the
+    part it replaces) for ``static/live.js`` to fetch about once a second while the tab is visible.
+    It is a page in every respect except that it leaves the session's notices for the next whole
+    page: live.js polls while a form's redirect is on its way, and must not swallow what that form
+    has to say.
+    """
 
     def register(handler: PageHandler) -> PageHandler:
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -118,7 +141,7 @@ def page(path: str, template: str) -> Callable[[PageHandler], PageHandler]:
             result = await handler(request, ui)
             if isinstance(result, web.StreamResponse):
                 return result
-            return render(request, template, {**ui.context(), **result})
+            return render(request, template, {**ui.context(take_notices=not fragment), **result})
 
         handle.__name__ = handler.__name__
         ROUTES.append(("GET", path, handle))
