@@ -12,8 +12,8 @@ from ... import preferences, tokens
 from ...auth import Role
 from ...db import audit
 from ..keys import CATALOG
-from .api import ADMINS, ALL_ROLES, MANAGERS, Call, Query, Strict, endpoint
-from .types import Limit, TokenName
+from .api import ADMINS, ALL_ROLES, MANAGERS, Call, Strict, endpoint
+from .types import Paging, TokenName
 
 READERS = ALL_ROLES - {Role.NODE}
 
@@ -117,9 +117,7 @@ async def revoke_token(call: Call) -> TokenOut:
 # -- audit --------------------------------------------------------------------
 
 
-class AuditQuery(Query):
-    limit: Limit = 50
-    cursor: str | None = Field(None, max_length=200)
+class AuditQuery(Paging):
     action: str | None = Field(None, pattern=r"^[a-z_]+\.[a-z_]+$")
     subject: str | None = Field(None, max_length=200, description="token:<name>, local:<user>, or a name")
     resource: str | None = Field(None, max_length=500)

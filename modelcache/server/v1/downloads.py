@@ -11,8 +11,8 @@ from ...downloads import requests
 from ...db import downloads as download_rows
 from ...errors import NotFound
 from ..keys import SETTINGS
-from .api import ADMINS, MANAGERS, Call, Query, Strict, endpoint
-from .types import ArtifactType, DigestText, Limit, ModelName, Version
+from .api import ADMINS, MANAGERS, Call, Strict, endpoint
+from .types import ArtifactType, DigestText, ModelName, Paging, Version
 
 STATES = ("pending_approval", "queued", "running", "completed", "failed", "rejected", "cancelled")
 
@@ -64,9 +64,7 @@ class DownloadPage(BaseModel):
     next_cursor: str | None
 
 
-class DownloadQuery(Query):
-    limit: Limit = 50
-    cursor: str | None = Field(None, max_length=200)
+class DownloadQuery(Paging):
     state: str | None = Field(None, pattern=f"^({'|'.join(STATES)})$")
     source: str | None = Field(None, max_length=63)
 

@@ -20,7 +20,7 @@ from ...nodes import placements, registry, selection
 from ..keys import CATALOG, NODE_BELL, SETTINGS
 from .api import ALL_ROLES, MANAGERS, Call, Query, Strict, endpoint
 from .registry import VersionQuery
-from .types import Limit, Version
+from .types import Paging, Version
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +93,6 @@ class NodePage(BaseModel):
     next_cursor: str | None
 
 
-class NodeQuery(Query):
-    limit: Limit = 50
-    cursor: str | None = Field(None, max_length=200)
-
-
 class AvailabilityDetails(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     runtime: str | None = Field(None, max_length=64)
@@ -163,9 +158,7 @@ class LoadPage(BaseModel):
     next_cursor: str | None
 
 
-class LoadsQuery(Query):
-    limit: Limit = 50
-    cursor: str | None = Field(None, max_length=200)
+class LoadsQuery(Paging):
     state: str | None = Field(None, pattern=f"^({'|'.join(LOAD_STATES)})$")
     node_id: uuid.UUID | None = None
 
@@ -337,9 +330,9 @@ async def register_node(call: Call) -> NodeRegistered:
 
 
 @endpoint("GET", "/v1/nodes", summary="List nodes, with their status (ready or stale)", roles=READERS,
-          action="node.list", query=NodeQuery, response=NodePage, tag="nodes")
+          action="node.list", query=Paging, response=NodePage, tag="nodes")
 async def list_nodes(call: Call) -> NodePage:
-    q: NodeQuery = call.query
+    q: Paging = call.query
     async with call.db.connection() as conn:
         rows, cursor = await node_rows.list_nodes(conn, limit=q.limit, cursor=q.cursor)
     return NodePage(nodes=[node_out(call, r) for r in rows], next_cursor=cursor)

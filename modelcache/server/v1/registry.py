@@ -12,8 +12,8 @@ from ... import artifacts, scrub
 from ...auth import Role
 from ...db import artifacts as artifact_rows, audit, models
 from ...errors import NotFound
-from .api import ALL_ROLES, MANAGERS, Call, Query, Strict, endpoint
-from .types import ArtifactType, DigestText, Limit, ModelName, Version
+from .api import ALL_ROLES, MANAGERS, Call, Strict, endpoint
+from .types import ArtifactType, DigestText, ModelName, Paging, Version
 from ...manifests import derive_version
 from ..keys import CATALOG, STORE
 
@@ -22,11 +22,6 @@ READERS = ALL_ROLES - {Role.NODE}
 # node agent); the bytes stay behind Subject.withheld, so this shows it no content it may not have.
 PULLERS = ALL_ROLES
 
-
-
-class Paging(Query):
-    limit: Limit = 50
-    cursor: str | None = Field(None, max_length=200)
 
 
 class ModelOut(BaseModel):

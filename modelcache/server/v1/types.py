@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Callable
 
-from pydantic import AfterValidator, BeforeValidator, WithJsonSchema
+from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
 
 from ... import names
 from ...auth import TOKEN_NAME_PATTERN, parse_token_name
@@ -19,6 +19,7 @@ from ...digest import SHA256_PATTERN, Digest
 from ...errors import InvalidInput
 from ...formats import ARTIFACT_TYPES, parse_artifact_type
 from ..paging import parse_count
+from .api import Query
 
 MAX_LIMIT = 200
 
@@ -60,3 +61,10 @@ TokenName = Annotated[str, AfterValidator(_checked(parse_token_name)),
                       WithJsonSchema({"type": "string", "pattern": TOKEN_NAME_PATTERN})]
 Limit = Annotated[int, BeforeValidator(_checked(_limit)),
                   WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50})]
+
+
+class Paging(Query):
+    """A list's query: how many per page, and the cursor of the next page."""
+
+    limit: Limit = 50
+    cursor: str | None = Field(None, max_length=200)
