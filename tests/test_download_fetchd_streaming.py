@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,14 +23,14 @@ import aiohttp
 import pytest
 
 from test_download_sources import UPSTREAM_TOKEN, upstream  # noqa: F401
-from test_downloads import allow, bearer, request_download
+from test_downloads import Killable, allow, bearer, request_download
 from test_pull_through import download_rows, make_pt_settings, upstream_manifest  # noqa: F401
 from test_pull_through_streaming import SlowProxy, read_timed
 
 pytestmark = pytest.mark.registry
 
 
-class Fetchd:
+class Fetchd(Killable):
     """A real ``modelcache fetchd`` subprocess; its log is ``tmp_path/fetchd.log``."""
 
     def __init__(self, tmp_path: Path, conf: Path, dsn: str, data: Path, token: str) -> None:
@@ -50,15 +49,6 @@ class Fetchd:
             assert self.proc.poll() is None, self.log.read_text()
             assert time.monotonic() < deadline, self.log.read_text()
             await asyncio.sleep(0.1)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
 
 
 @pytest.fixture

@@ -23,9 +23,9 @@ import pytest
 from aiohttp import web
 
 from modelcache import config
-from test_download_sources import (REGISTRY, SKOPEO, Registry, artifact_row, download, push_ollama_model,
+from test_download_sources import (REGISTRY, SKOPEO, Registry, assert_pulled_as_ollama, download, push_ollama_model,
                                    sha256, staging_left)
-from test_downloads import allow, bearer, free_port, worker  # noqa: F401
+from test_downloads import allow, free_port, worker  # noqa: F401
 from test_oci_clients import DOCKER
 
 pytestmark = pytest.mark.registry
@@ -167,25 +167,9 @@ async def test_a_registry_behind_token_auth_is_downloaded_with_a_token_from_its_
 
     await allow(db, "registry", f"http://127.0.0.1:{tokens.port}/")
     job = await download(http, server, admin, source="registry", reference="tiny:1", model="tiny", version="2")
-    assert job["state"] == "completed", job
-    assert job["digest"] == sha256(manifest)
+    await assert_pulled_as_ollama(job, manifest, blobs, http, server, await make_token("node"), dsn, settings)
     assert tokens.asked and all(a["right"] for a in tokens.asked)
     assert {(a["service"], a["scope"]) for a in tokens.asked} == {(SERVICE, "repository:library/tiny:pull")}
-    row, files = artifact_row(dsn, job["digest"])
-    assert row["artifact_type"] == "ollama"
-    assert files == {"manifest": (sha256(manifest), len(manifest)),
-                     **{f"blobs/sha256-{d[7:]}": (d, len(data)) for d, data in blobs.items()}}
-
-    # what ollama pull asks of us: the manifest (Docker v2 only) and every blob, byte for byte
-    node = await make_token("node")
-    async with http.get(server.make_url("/v2/library/tiny/manifests/2"),
-                        headers={**bearer(node), "Accept": DOCKER}) as r:
-        assert r.status == 200, await r.text()
-        assert await r.read() == manifest
-    for digest, data in blobs.items():
-        async with http.get(server.make_url(f"/v2/library/tiny/blobs/{digest}"), headers=bearer(node)) as r:
-            assert r.status == 200 and await r.read() == data
-    assert staging_left(settings.data_dir) == []
 
     # neither the tokens nor the password are in our logs or the download rows
     assert tokens.issued

@@ -483,16 +483,21 @@ async def test_an_ollama_model_from_a_registry_is_served_byte_for_byte(
     admin = await make_token("admin")
 
     job = await download(http, server, admin, source="registry", reference="tiny:1", model="tiny", version="1")
+    await assert_pulled_as_ollama(job, manifest, blobs, http, server, await make_token("node"), dsn, settings)
+
+
+async def assert_pulled_as_ollama(job: dict, manifest: bytes, blobs: dict[str, bytes], http, server, node: str,
+                                  dsn: str, settings) -> None:
+    """A completed download of ``tiny`` is an ``ollama`` artifact holding the upstream's manifest and blobs,
+    and ``ollama pull`` of ``library/tiny:<version>`` from us gets them byte for byte."""
     assert job["state"] == "completed", job
     assert job["digest"] == sha256(manifest)
     row, files = artifact_row(dsn, job["digest"])
     assert row["artifact_type"] == "ollama"
     assert files == {"manifest": (sha256(manifest), len(manifest)),
                      **{f"blobs/sha256-{d[7:]}": (d, len(data)) for d, data in blobs.items()}}
-
     # what ollama pull asks of us: the manifest (Docker v2 only) and every blob, byte for byte
-    node = await make_token("node")
-    async with http.get(server.make_url("/v2/library/tiny/manifests/1"),
+    async with http.get(server.make_url(f"/v2/library/tiny/manifests/{job['version']}"),
                         headers={**bearer(node), "Accept": DOCKER}) as r:
         assert r.status == 200, await r.text()
         assert await r.read() == manifest

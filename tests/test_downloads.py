@@ -658,7 +658,22 @@ async def test_cancel_a_running_download(nginx, make_download_settings, start_se
     assert done["state"] == "cancelled" and done["decided_by"].startswith("token:")
 
 
-class RunProcess:
+class Killable:
+    """A real modelcache subprocess (``self.proc``) a test kills, or stops as SIGTERM would."""
+
+    proc: subprocess.Popen | None = None
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+
+
+class RunProcess(Killable):
     """A real ``modelcache run`` subprocess (on ``dsn``, with ``conf``) that a test kills and starts again;
     its log is ``tmp_path/run.log``."""
 
@@ -697,15 +712,6 @@ class RunProcess:
             assert time.monotonic() < deadline, body
             await asyncio.sleep(0.1)
         return body
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
 
 
 # -- a killed process resumes from disk ---------------------------------------------
