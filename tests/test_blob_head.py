@@ -133,6 +133,21 @@ async def test_pipelined_requests_are_answered_in_order(server, blob, make_token
     conn.close()
 
 
+async def test_an_upgrade_or_a_closing_head_is_aiohttps(server, blob, make_token, early):
+    _, digest = blob
+    secret = await make_token("reader")
+    conn = await ready(server)
+    await conn.send(request("HEAD", f"/v1/blobs/{digest}", secret, Connection="Upgrade", Upgrade="websocket"))
+    headers, _ = await conn.answer(head=True)
+    assert headers.startswith(b"HTTP/1.1 200"), headers
+    await conn.send(request("HEAD", f"/v1/blobs/{digest}", secret, Connection="close"))
+    headers, _ = await conn.answer(head=True)
+    assert headers.startswith(b"HTTP/1.1 200") and b"Connection: close" in headers, headers
+    assert await conn.closed(within=5)
+    assert early == []
+    conn.close()
+
+
 async def test_refusals_go_through_the_error_path(server, http, blob, make_file, make_artifact, make_token, db,
                                                  early):
     _, digest = blob

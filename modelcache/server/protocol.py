@@ -11,7 +11,7 @@ right after aiohttp's parser (the same C parser, so nothing about HTTP is parsed
 by us) produced the request, with no task, request or response object.
 
 Only the plain case is answered here: an idle keep-alive HTTP/1.1 connection
-(no request in progress or queued before it), ``HEAD /v1/blobs/<digest>`` with
+(no request in progress or queued before it, no upgrade asked), ``HEAD /v1/blobs/<digest>`` with
 no query, no body, no ``Range``, ``If-Range``, ``If-None-Match`` or ``Expect``,
 an ``Authorization`` header the catalog accepts, and a blob that subject may
 read. The answer is byte for byte what ``blobs/serve.py`` sends (the same header
@@ -101,7 +101,8 @@ class Connection(RequestHandler):
 
     def _blob_head(self, message: Any, payload: Any, started: float) -> bytes | None:
         """The whole answer to a plain authenticated HEAD of a readable blob, or None for aiohttp."""
-        if getattr(message, "method", None) != "HEAD" or message.should_close or payload is not EMPTY_PAYLOAD:
+        if getattr(message, "method", None) != "HEAD" or message.should_close or message.upgrade \
+                or payload is not EMPTY_PAYLOAD:
             return None
         version = message.version
         if version == HttpVersion11:
