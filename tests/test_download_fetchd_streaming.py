@@ -182,3 +182,69 @@ async def test_a_killed_fetchd_ends_the_answer_short_and_then_404(
     assert any("has not announced progress" in m for m in caplog.messages), caplog.messages
     async with http.head(url, headers=bearer(node)) as r:
         assert r.status == 404  # a stale announcement is no longer in flight
+
+
+# -- announcements a writer did not write as a fetchd does: the answer is cut short, never hung or whole ----
+
+
+@pytest.fixture
+async def announcer(start_server, make_settings, tmp_path):
+    """Our server (no worker) and a hand-written announcement of a 3 MiB file: what a fetchd would
+    write, then whatever a test writes over it. Yields (server, url, content, announce, partial)."""
+    settings = make_settings()
+    server = await start_server(settings)
+    content = os.urandom(3 << 20)
+    digest = "sha256:" + hashlib.sha256(content).hexdigest()
+    downloads = settings.data_dir / "tmp" / "downloads"
+    (downloads / "inflight").mkdir(parents=True, exist_ok=True)
+    partial = downloads / "11111111-1111-1111-1111-111111111111.partial"
+    announcement = downloads / "inflight" / f"{digest.removeprefix('sha256:')}.json"
+
+    def announce(**fields) -> None:
+        state = {"job": "11111111-1111-1111-1111-111111111111", "digest": digest, "size": len(content),
+                 "promoted": True, "path": str(partial), "available": 0, "generation": 0, "verified": False,
+                 "pid": os.getpid(), "heartbeat": time.time(), **fields}
+        tmp = announcement.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(announcement)
+
+    server.data_dir = settings.data_dir
+    yield server, server.make_url(f"/v1/blobs/{digest}"), content, announce, partial
+
+
+async def read_until_cut(r, got: bytearray, bound: float = 8.0) -> None:
+    """The rest of an answer, which must end short (a payload error) within ``bound`` seconds."""
+    async def rest() -> None:
+        async for chunk in r.content.iter_any():
+            got += chunk
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await asyncio.wait_for(rest(), bound)
+
+
+async def test_an_announcement_of_impossible_numbers_is_not_in_flight(announcer, http, make_token):
+    server, url, content, announce, partial = announcer
+    node = await make_token("node")
+    partial.write_bytes(content[:1000])
+    for fields in ({"size": float("inf")}, {"available": float("inf")}, {"heartbeat": float("nan")},
+                   {"heartbeat": float("inf")}, {"size": 10**400}):
+        announce(**{"available": 1000, **fields})
+        for method in ("HEAD", "GET"):
+            async with http.request(method, url, headers=bearer(node)) as r:
+                assert r.status == 404, (fields, method, r.status)
+
+
+@pytest.mark.parametrize("garbage", [{"heartbeat": "soon"}, {"available": float("inf")}, {"generation": [1]},
+                                     {"job": "22222222-2222-2222-2222-222222222222"}])
+async def test_an_announcement_turned_unreadable_mid_answer_cuts_it_short(announcer, http, make_token, garbage):
+    server, url, content, announce, partial = announcer
+    node = await make_token("node")
+    partial.write_bytes(content[:1 << 20])
+    announce(available=1 << 20)
+    got = bytearray()
+    async with http.get(url, headers=bearer(node)) as r:
+        assert r.status == 200 and r.content_length == len(content)
+        while len(got) < 1 << 20:
+            got += await asyncio.wait_for(r.content.readany(), 5)
+        announce(**{"available": 1 << 20, **garbage})
+        await read_until_cut(r, got)
+    assert bytes(got) == content[:1 << 20]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -271,7 +272,7 @@ class AnnouncedFile:
     def __init__(self, store: BlobStore, state: dict) -> None:
         self.store = store
         self.digest = Digest.parse(state["digest"])
-        self.size = int(state["size"])
+        self.size = _count(state["size"])
         self.promoted = bool(state["promoted"])
         self.job = str(state["job"])
         self.path: Path | None = None
@@ -291,7 +292,7 @@ class AnnouncedFile:
             if state is None or state.get("digest") != str(digest) or _stale(state):
                 return None
             return cls(store, state)
-        except (KeyError, TypeError, ValueError):
+        except _UNREADABLE:
             return None
 
     @property
@@ -316,8 +317,10 @@ class AnnouncedFile:
         if path is not None and (not path.is_relative_to(self.store.downloads_dir) or ".." in path.parts):
             self.failure = f"its announcement names {path}, outside {self.store.downloads_dir}"
             return
-        generation = int(state["generation"])
-        available = int(state["available"])
+        generation = _count(state["generation"])
+        available = _count(state["available"])
+        if available > self.size:
+            raise ValueError(f"{available} bytes available of a {self.size}-byte file")
         if (path, available, generation, bool(state["verified"])) != (
                 self.path, self.available, self.generation, self.verified):
             self.path, self.available, self.generation = path, available, generation
@@ -327,28 +330,53 @@ class AnnouncedFile:
     async def _poll(self) -> None:
         announcement = self.store.announcement_path(self.digest)
         blob = self.store.path_for(self.digest)
+        loop = asyncio.get_running_loop()
+        read_at = loop.time()  # when the announcement was last read as this job's
         while self.failure is None and not self.verified:
             await asyncio.sleep(ANNOUNCE_SECONDS)
             state = await asyncio.to_thread(read_announcement, announcement)
-            if state is None or state.get("job") != self.job:
-                if state is None and not await asyncio.to_thread(announcement.exists):
+            if state is None:
+                if not await asyncio.to_thread(announcement.exists):
                     if await asyncio.to_thread(blob.exists):  # committed: verified, and whole
                         self.available, self.verified = self.size, True
                     else:
                         self.failure = f"download {self.job} ended without this blob"
                     self._signal()
+                elif loop.time() - read_at > STALE_SECONDS:  # not caught half-replaced: it stays unreadable
+                    self.failure = f"its announcement {announcement} has not been readable for {STALE_SECONDS:.0f}s"
+                    self._signal()
                 continue  # caught half-replaced: read again
-            if _stale(state):
-                self.failure = (f"the process fetching it (download {self.job}, pid {state.get('pid')}) has not "
-                                f"announced progress for {STALE_SECONDS:.0f}s")
-                self._signal()
-                continue
+            read_at = loop.time()
             try:
+                if state.get("job") != self.job:  # this job's went, and another's came before a poll saw it
+                    raise ValueError(f"it now announces download {state.get('job')!r}, not {self.job}")
+                if _stale(state):
+                    self.failure = (f"the process fetching it (download {self.job}, pid {state.get('pid')}) has "
+                                    f"not announced progress for {STALE_SECONDS:.0f}s")
+                    self._signal()
+                    continue
                 self._follow(state)
-            except (KeyError, TypeError, ValueError) as exc:
-                self.failure = f"its announcement cannot be read ({exc})"
+            except _UNREADABLE as exc:
+                self.failure = f"its announcement cannot be followed ({exc})"
                 self._signal()
+
+
+# what a malformed announcement raises when read: never a 500, never a reader left waiting
+_UNREADABLE = (KeyError, TypeError, ValueError, OverflowError)
+_MAX_COUNT = 1 << 63  # no file, offset or generation is this large
+
+
+def _count(value: Any) -> int:
+    """A size, offset or generation from an announcement: a whole number a file can have."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _MAX_COUNT:
+        raise ValueError(f"{value!r} is not a byte count")
+    return value
 
 
 def _stale(state: dict) -> bool:
-    return time.time() - float(state.get("heartbeat", 0)) > STALE_SECONDS
+    """A heartbeat older than STALE_SECONDS; one that is not a time (or is in the future: not a clock
+    this host keeps) says nothing of its writer being alive either."""
+    heartbeat = state.get("heartbeat")
+    if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool) or not math.isfinite(heartbeat):
+        return True
+    return abs(time.time() - heartbeat) > STALE_SECONDS
