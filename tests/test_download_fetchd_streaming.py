@@ -248,3 +248,54 @@ async def test_an_announcement_turned_unreadable_mid_answer_cuts_it_short(announ
         announce(**{"available": 1 << 20, **garbage})
         await read_until_cut(r, got)
     assert bytes(got) == content[:1 << 20]
+
+
+@pytest.mark.parametrize("ending", ["announced", "committed"])
+async def test_a_file_started_over_by_a_new_writer_is_cut_short_even_when_it_ends_verified(
+        announcer, http, make_token, ending):
+    """A fetchd killed and started again (or a job retried) announces the same job at generation 0 again:
+    a reader that had bytes of the old file must not get the new file's rest as one whole body."""
+    server, url, content, announce, partial = announcer
+    node = await make_token("node")
+    wrong = bytes(b ^ 0xFF for b in content[:1 << 20])
+    partial.write_bytes(wrong)
+    announce(available=1 << 20, pid=1)
+    got = bytearray()
+    async with http.get(url, headers=bearer(node)) as r:
+        assert r.status == 200
+        while len(got) < 1 << 20:
+            got += await asyncio.wait_for(r.content.readany(), 5)
+        with open(partial, "r+b") as f:  # the new writer starts over in place and gets the right file
+            f.write(content)
+        if ending == "announced":
+            announce(available=len(content), verified=True, pid=2)
+        else:  # committed, and the announcement gone, within one poll
+            blob = server.data_dir / "blobs" / "sha256" / url.path.rsplit(":", 1)[1][:2] / url.path.rsplit(":", 1)[1]
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(content)
+            (server.data_dir / "tmp" / "downloads" / "inflight" / f"{blob.name}.json").unlink()
+        try:
+            async for chunk in r.content.iter_any():
+                got += chunk
+        except aiohttp.ClientPayloadError:
+            pass
+    assert len(got) < len(content), "a whole 200 body of bytes that never matched the digest"
+
+
+@pytest.mark.parametrize("asked", [None, "bytes=10-99", "bytes=-100"])
+async def test_an_announced_file_that_stays_the_same_is_answered_whole(announcer, http, make_token, asked):
+    """The check of what was sent against the verified file lets the right bytes through (whole, or a range)."""
+    server, url, content, announce, partial = announcer
+    node = await make_token("node")
+    partial.write_bytes(content[:1 << 20])
+    announce(available=1 << 20)
+    headers = {**bearer(node), **({"Range": asked} if asked else {})}
+    want = {None: content, "bytes=10-99": content[10:100], "bytes=-100": content[-100:]}[asked]
+    async with http.get(url, headers=headers) as r:
+        assert r.status == (206 if asked else 200)
+        body = asyncio.ensure_future(r.read())
+        await asyncio.sleep(0.3)
+        with open(partial, "ab") as f:
+            f.write(content[1 << 20:])
+        announce(available=len(content), verified=True)
+        assert await asyncio.wait_for(body, 8) == want

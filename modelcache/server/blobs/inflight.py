@@ -15,8 +15,10 @@ before the declared length, so the client sees a short body, never a complete-lo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
+from pathlib import Path
 
 from aiohttp import web
 
@@ -55,6 +57,11 @@ async def send_in_flight(request: web.Request, response: web.StreamResponse, fli
     """Bytes ``offset`` to ``offset + count`` of a file in flight, as its partial file grows."""
     digest, end, at = flight.digest, offset + count, offset
     generation = flight.generation
+    # Another process's file is followed by polling its announcement, which can miss a start over (a fetchd
+    # killed and started again announces generation 0 again; a restart, commit and the announcement's
+    # removal can all fall between two polls): what was sent is hashed, and checked against the verified
+    # file before the last byte goes.
+    sent = hashlib.sha256() if isinstance(flight, AnnouncedFile) else None
     await response.prepare(request)
     fd = -1
     try:
@@ -66,7 +73,10 @@ async def send_in_flight(request: web.Request, response: web.StreamResponse, fli
                             request.remote, at, digest, offset, end - 1)
                 return response
             if flight.generation != generation and at == offset:
-                generation = flight.generation  # nothing sent yet: follow the new bytes
+                generation = flight.generation  # nothing sent yet: follow the new bytes (at their path)
+                if fd >= 0:
+                    os.close(fd)
+                    fd = -1
             if flight.failure is not None or flight.generation != generation:
                 why = flight.failure or "the upstream's file changed and its download started over"
                 logger.warning("blob %s: the answer to %s is cut off at byte %d of bytes %d-%d, because the "
@@ -79,7 +89,15 @@ async def send_in_flight(request: web.Request, response: web.StreamResponse, fli
             if ready > at:
                 if fd < 0:
                     fd = await _open(request, flight)
-                data = await asyncio.to_thread(os.pread, fd, min(ready - at, CHUNK), at)
+                data = await asyncio.to_thread(_read, fd, min(ready - at, CHUNK), at, sent)
+                if data and sent is not None and at + len(data) == end \
+                        and not await asyncio.to_thread(_as_verified, request.app[STORE].path_for(digest), flight,
+                                                        sent, offset, end):
+                    logger.warning("blob %s: the answer to %s is cut off at byte %d of bytes %d-%d, because the "
+                                   "bytes sent are not the verified file's (the download started over unseen)",
+                                   digest, request.remote, at, offset, end - 1)
+                    transport.abort()
+                    return response
                 if data:
                     await response.write(data)
                     at += len(data)
@@ -100,6 +118,41 @@ async def send_in_flight(request: web.Request, response: web.StreamResponse, fli
         request[SENT] = at - offset
         request.app[METRICS].bytes_served.inc(at - offset)
     return response
+
+
+def _read(fd: int, count: int, at: int, sent: "hashlib._Hash | None") -> bytes:
+    data = os.pread(fd, count, at)
+    if sent is not None:
+        sent.update(data)
+    return data
+
+
+def _as_verified(blob: Path, flight: AnnouncedFile, sent: "hashlib._Hash", offset: int, end: int) -> bool:
+    """Whether bytes ``offset`` to ``end`` as sent (``sent``: their sha256, the last chunk's included) are
+    the verified file's: the whole file's sha256 is its digest; a range is compared with the same range of
+    the committed blob (or the file its writer announced verified)."""
+    if offset == 0 and end == flight.size:
+        return sent.hexdigest() == flight.digest.hex
+    verified = hashlib.sha256()
+    for path in (blob, flight.path):
+        if path is None:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            at = offset
+            while at < end:
+                data = os.pread(fd, min(end - at, CHUNK), at)
+                if not data:
+                    return False
+                verified.update(data)
+                at += len(data)
+        finally:
+            os.close(fd)
+        return verified.digest() == sent.digest()
+    return False
 
 
 async def _open(request: web.Request, flight: FlightFile | AnnouncedFile) -> int:
