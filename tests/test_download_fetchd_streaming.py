@@ -299,3 +299,15 @@ async def test_an_announced_file_that_stays_the_same_is_answered_whole(announcer
             f.write(content[1 << 20:])
         announce(available=len(content), verified=True)
         assert await asyncio.wait_for(body, 8) == want
+
+
+async def test_an_empty_file_in_flight_is_not_answered_before_it_is_verified(announcer, http, make_token):
+    """Its answer would be complete with its headers: a declared size of 0 is not streamed (the digest is
+    not the empty file's: the declaration is wrong, and nothing can be held back)."""
+    server, url, content, announce, partial = announcer
+    node = await make_token("node")
+    partial.write_bytes(b"")
+    announce(size=0, available=0)
+    for method in ("HEAD", "GET"):
+        async with http.request(method, url, headers=bearer(node)) as r:
+            assert r.status == 404, (method, r.status)

@@ -37,7 +37,7 @@ OPEN_SECONDS = 5.0  # how long a verified file may be between the staging folder
 def in_flight(request: web.Request, digest: Digest) -> BlobEntry | None:
     """The entry of a blob this process is fetching (remembered on the request for :func:`send_in_flight`)."""
     flight = FLIGHTS.file(request.app[STORE].root, digest)
-    if flight is None or flight.failure is not None:
+    if not _streamable(flight):
         return None
     request[IN_FLIGHT] = flight
     return BlobEntry(flight.size, "present", flight.promoted)
@@ -46,10 +46,16 @@ def in_flight(request: web.Request, digest: Digest) -> BlobEntry | None:
 async def announced(request: web.Request, digest: Digest) -> BlobEntry | None:
     """The entry of a blob another process (``fetchd``) announces it is fetching, as :func:`in_flight`."""
     flight = await AnnouncedFile.find(request.app[STORE], digest)
-    if flight is None or flight.failure is not None:
+    if not _streamable(flight):
         return None
     request[IN_FLIGHT] = flight
     return BlobEntry(flight.size, "present", flight.promoted)
+
+
+def _streamable(flight: FlightFile | AnnouncedFile | None) -> bool:
+    """Not failed, and with a last byte to hold back: an empty file's answer is whole with its headers, so
+    one declared empty is not answered before it is verified (and then it is the store's)."""
+    return flight is not None and flight.failure is None and (flight.size > 0 or flight.verified)
 
 
 async def send_in_flight(request: web.Request, response: web.StreamResponse, flight: FlightFile | AnnouncedFile,
