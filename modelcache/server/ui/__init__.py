@@ -24,7 +24,7 @@ from ...errors import Forbidden, ModelcacheError
 from .. import errors
 from ..keys import CATALOG, SETTINGS
 from . import session as sessions
-from .pages import ROUTES, audit_event, form, render, sections, see_other, signed_in
+from .pages import ROUTES, audit_event, form, local_target, render, sections, see_other, signed_in
 from . import filters, traffic
 from . import overview, models, downloads, nodes, audit, policy  # noqa: F401 - each registers its routes
 
@@ -54,10 +54,8 @@ async def to_dashboard(request: web.Request) -> web.StreamResponse:
 
 
 def _next(value: str | None) -> str:
-    """Where to go after signing in: a path of ours, never another site (``//evil``, ``/\\evil``)."""
-    if value and value.startswith("/ui/") and "//" not in value and "\\" not in value:
-        return value
-    return "/ui/"
+    """Where to go after signing in: a path of ours (see local_target), else the overview."""
+    return local_target(value, "/ui/", "/ui/")
 
 
 async def signin_page(request: web.Request) -> web.StreamResponse:

@@ -18,7 +18,7 @@ from ...errors import InvalidInput
 from ...nodes.selection import artifact_pull
 from ..urls import public_base
 from ..v1 import registry
-from .pages import Ui, form, page, see_other
+from .pages import Ui, form, local_target, page, see_other
 
 ACTIONS = {  # what the page offers → the /v1 endpoint it runs
     "promote": registry.promote,
@@ -120,7 +120,7 @@ def _action(name: str | None) -> str:
 
 
 def _back(value: Any) -> str:
-    return value if isinstance(value, str) and value.startswith("/ui/models") and "//" not in value else "/ui/models"
+    return local_target(value, "/ui/models", "/ui/models")
 
 
 @page("/ui/models/{artifact}/{action}", "confirm.html")

@@ -25,6 +25,7 @@ the page returns.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping
 from urllib.parse import quote
@@ -109,6 +110,20 @@ def signed_in(request: web.Request) -> Ui:
         target = request.path_qs if request.method == "GET" else "/ui/"
         raise web.HTTPSeeOther(f"/ui/signin?next={quote(target, safe='')}")
     return Ui(request, *found)
+
+
+# A path with its query as a URL carries it: printable ASCII, no spaces or backslashes (no header breaks,
+# nothing a browser reads as another host).
+_URL_PATH = re.compile(r"/[!#-\[\]-~]*")
+
+
+def local_target(value: object, under: str, default: str) -> str:
+    """Where a browser is sent back to (``next``, ``back``: values a link can carry): ``value`` if it is a
+    path of ours under ``under`` as a URL spells it, never another site (``//evil``, ``/\\evil``) nor a
+    line break that would end the Location header; else ``default``."""
+    if isinstance(value, str) and value.startswith(under) and _URL_PATH.fullmatch(value) and "//" not in value:
+        return value
+    return default
 
 
 def see_other(location: str) -> web.Response:
