@@ -45,3 +45,24 @@ async def test_a_confirm_link_whose_back_holds_a_line_break_goes_back_to_the_mod
     assert status == 303 and headers["Location"] == "/ui/models"
     status, _, headers = await b.post(f"/ui/models/{staged.artifact_id}/unpin", {"back": "/ui/models?state=staged"})
     assert status == 303 and headers["Location"] == "/ui/models?state=staged"
+
+
+# -- the session table -------------------------------------------------------------------------------
+
+async def test_one_token_signing_in_again_and_again_signs_no_one_else_out(browser, make_token, monkeypatch):
+    """Sessions are kept up to a bound, the oldest going first; a reader's token signed in that many times
+    (a loop of POSTs, seconds at the real bound) pushed every other person's session out. Now a token's
+    own oldest session goes once it holds PER_TOKEN."""
+    from modelcache.server.ui import session
+    monkeypatch.setattr(session, "_KEPT", 3 * session.PER_TOKEN)
+    admin = browser()
+    await admin.sign_in(await make_token("admin", name="ada"))
+    flooder = await make_token("reader", name="flood")
+    first = browser()
+    await first.sign_in(flooder)
+    for _ in range(4 * session.PER_TOKEN):
+        status, _, _ = await browser().sign_in(flooder)
+        assert status == 303
+    status, text, _ = await admin.get("/ui/")
+    assert status == 200 and "ada" in text
+    assert (await first.get("/ui/"))[0] == 303  # the flooder's own oldest session went instead

@@ -30,7 +30,11 @@ from ..keys import CATALOG, SETTINGS
 
 COOKIE = "mc_session"
 LIFETIME = dt.timedelta(hours=8)  # never beyond the token's own expiry
-_KEPT = 10_000  # sessions at most; the oldest go first (a flood of sign-ins only churns them)
+# Sessions at most, and of one token at most; the oldest go first. Without the second, one token signed in
+# _KEPT times (any role may sign in) would push everyone else's session out; now it churns its own, and
+# only _KEPT / PER_TOKEN tokens together could do that.
+_KEPT = 10_000
+PER_TOKEN = 16
 
 
 @dataclass(slots=True)
@@ -56,7 +60,10 @@ class Sessions:
         if token_expires_at is not None:
             expires = min(expires, token_expires_at)
         self._prune(now)
-        if len(self._by_id) >= _KEPT:
+        own = [sid for sid, s in self._by_id.items() if s.token_sha256 == token_sha256]
+        if len(own) >= PER_TOKEN:
+            del self._by_id[own[0]]
+        elif len(self._by_id) >= _KEPT:
             del self._by_id[next(iter(self._by_id))]
         session = Session(secrets.token_urlsafe(32), token_sha256, secrets.token_urlsafe(32), expires)
         self._by_id[session.id] = session
