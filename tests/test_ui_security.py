@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from http.cookies import SimpleCookie
 
-from test_ui import browser, staging  # noqa: F401 - fixtures
+from test_ui import audit_rows, browser, staging  # noqa: F401 - fixtures
 
 
 # -- redirect targets a link can carry --------------------------------------------------------------
@@ -66,3 +66,26 @@ async def test_one_token_signing_in_again_and_again_signs_no_one_else_out(browse
     status, text, _ = await admin.get("/ui/")
     assert status == 200 and "ada" in text
     assert (await first.get("/ui/"))[0] == 303  # the flooder's own oldest session went instead
+
+
+# -- forged forms --------------------------------------------------------------------------------------
+
+async def test_a_forged_policy_edit_is_refused_for_the_role_before_its_value_is_read(browser, make_token, db):
+    """The page parsed the posted value (and key) before /v1 checked the role: an operator's or reader's
+    forged edit with a bad value was answered 400 "expected a whole number" and left no trace in the
+    audit log. The role comes first: 403, audited, whatever the form holds."""
+    for role in ("operator", "reader"):
+        b = browser()
+        await b.sign_in(await make_token(role, name=f"mallory-{role}"))
+        for key, value in (("models.cache.max_bytes", "lots"), ("models.cache.max_bytes", "1"),
+                           ("no.such.key", "1")):
+            status, text, _ = await b.post(f"/ui/policy/{key}", {"value": value, "expected_version": "0"})
+            assert status == 403 and "preference.update needs role admin" in text, (role, key, value)
+    rows = await audit_rows(db, "preference.update")
+    assert [(r["decision"], r["subject_id"]) for r in rows] == \
+        [("deny", "mallory-operator")] * 3 + [("deny", "mallory-reader")] * 3
+    # an admin's bad value is still told as such, on the page
+    admin = browser()
+    await admin.sign_in(await make_token("admin"))
+    status, text, _ = await admin.post("/ui/policy/models.cache.max_bytes", {"value": "lots", "expected_version": "0"})
+    assert status == 400 and "expected a whole number" in text

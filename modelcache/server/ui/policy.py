@@ -69,12 +69,15 @@ async def policy(request: web.Request, ui: Ui) -> dict[str, Any]:
 async def edit(request: web.Request, ui: Ui, data: MultiDictProxy) -> web.StreamResponse:
     """Set one preference through /v1 (admins only: anyone else is refused there, 403, and audited)."""
     key = request.match_info["key"]
-    try:
+
+    async def body() -> dict[str, Any]:  # read only once /v1 let this role edit (a forged form is a 403 first)
         spec = preferences.parse_key(key)
         version = data.get("expected_version", "")
-        body = {"value": parse_text(str(data.get("value", "")), spec.value_type),
+        return {"value": parse_text(str(data.get("value", "")), spec.value_type),
                 "expected_version": int(version) if isinstance(version, str) and version.isdigit() else None,
                 "reason": str(data.get("reason", "")).strip() or None}
+
+    try:
         done: admin.PreferenceOut = await ui.invoke(admin.set_preference, params={"key": key}, body=body)
     except (Conflict, InvalidInput, ValidationProblem) as exc:
         context = await _context(request, ui)
