@@ -225,3 +225,30 @@ async def test_keep_alive_bound_runs_from_each_early_answer(start_server, make_s
     assert len(early) == 6
     assert await conn.closed(within=3.0)
     conn.close()
+
+
+async def test_a_client_that_reads_no_answer_is_not_buffered_for(server, blob, make_token, monkeypatch):
+    """Pipelined HEADs from a client that never reads: answers wait for the socket to drain (aiohttp's
+    path does), so the server stops reading it instead of holding every answer in memory."""
+    _, digest = blob
+    secret = await make_token("reader")
+    buffered = [0]
+    blob_head = protocol.Connection._blob_head
+
+    def spy(self, *args):
+        buffered[0] = max(buffered[0], self.transport.get_write_buffer_size())
+        return blob_head(self, *args)
+
+    monkeypatch.setattr(protocol.Connection, "_blob_head", spy)
+    conn = await ready(server)
+    batch = request("HEAD", f"/v1/blobs/{digest}", secret) * 500
+    sent, started = 0, asyncio.get_running_loop().time()
+    while sent < 64 << 20 and asyncio.get_running_loop().time() - started < 8:
+        conn.writer.write(batch)
+        try:
+            await asyncio.wait_for(conn.writer.drain(), 1.0)
+        except asyncio.TimeoutError:
+            break  # the server stopped reading: what a client that reads nothing should see
+        sent += len(batch)
+    conn.writer.transport.abort()
+    assert buffered[0] < 4 << 20, f"{buffered[0]} bytes of answers held for a client that reads none"

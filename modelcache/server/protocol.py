@@ -11,17 +11,17 @@ right after aiohttp's parser (the same C parser, so nothing about HTTP is parsed
 by us) produced the request, with no task, request or response object.
 
 Only the plain case is answered here: an idle keep-alive HTTP/1.1 connection
-(no request in progress or queued before it, no upgrade asked), ``HEAD /v1/blobs/<digest>`` with
-no query, no body, no ``Range``, ``If-Range``, ``If-None-Match`` or ``Expect``,
-an ``Authorization`` header the catalog accepts, and a blob that subject may
-read. The answer is byte for byte what ``blobs/serve.py`` sends (the same header
-block, then ``Date`` and ``Server`` as aiohttp writes them), counted and logged
-the same way. Anything else, including every refusal (401, 403, 404: audited
+(no request in progress or queued before it, no upgrade asked, its client
+reading what it is sent), ``HEAD /v1/blobs/<digest>`` with no query, no body,
+no ``Range``, ``If-Range``, ``If-None-Match`` or ``Expect``, an ``Authorization``
+header the catalog accepts, and a blob that subject may read. The answer is byte
+for byte what ``blobs/serve.py`` sends (the same header block, then ``Date`` and
+``Server`` as aiohttp writes them), counted and logged the same way. Anything else, including every refusal (401, 403, 404: audited
 and rendered by the one error path) goes through aiohttp as before, in order.
 
 It reads a few of aiohttp's protocol attributes (``_waiter``, ``_messages``,
-the keep-alive timer), which is why aiohttp is pinned to one minor version in
-setup.cfg; tests/test_blob_head.py fails if they change meaning.
+``_paused``, the keep-alive timer), which is why aiohttp is pinned to one minor
+version in setup.cfg; tests/test_blob_head.py fails if they change meaning.
 """
 
 from __future__ import annotations
@@ -68,8 +68,10 @@ class Connection(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         waiter = self._waiter
-        if waiter is None or waiter.done() or self._messages:
-            super().data_received(data)  # a request is being handled or waits: its order is kept
+        if waiter is None or waiter.done() or self._messages or self._paused:
+            # a request is being handled or waits: its order is kept; or the client does not read what it
+            # was sent (writing paused): aiohttp's path waits for the socket to drain, and stops reading
+            super().data_received(data)
             return
         started = self._loop.time()
         self._waiter = None  # parsed without waking start(): what is answered here never reaches it
@@ -79,7 +81,7 @@ class Connection(RequestHandler):
             self._waiter = waiter
         messages = self._messages
         answered = False
-        while messages and not self._force_close:
+        while messages and not self._force_close and not self._paused:  # paused by an answer: the rest drain
             message, payload = messages[0]
             answer = self._blob_head(message, payload, started)
             if answer is None:
