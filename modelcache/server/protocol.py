@@ -16,8 +16,9 @@ reading what it is sent), ``HEAD /v1/blobs/<digest>`` with no query, no body,
 no ``Range``, ``If-Range``, ``If-None-Match`` or ``Expect``, an ``Authorization``
 header the catalog accepts, and a blob that subject may read. The answer is byte
 for byte what ``blobs/serve.py`` sends (the same header block, then ``Date`` and
-``Server`` as aiohttp writes them), counted and logged the same way. Anything else, including every refusal (401, 403, 404: audited
-and rendered by the one error path) goes through aiohttp as before, in order.
+``Server`` as aiohttp writes them), counted and logged the same way. Anything
+else, including every refusal (401, 403, 404: audited and rendered by the one
+error path) goes through aiohttp as before, in order.
 
 It reads a few of aiohttp's protocol attributes (``_waiter``, ``_messages``,
 ``_paused``, the keep-alive timer), which is why aiohttp is pinned to one minor
