@@ -59,6 +59,7 @@ class TokenServer:
         self.issued: list[str] = []  # every token handed out, to look for in logs and rows
         self.asked: list[dict] = []  # each request's query and whether its credentials were right
         self.first_lifetime = 300  # seconds the first token lasts (distribution allows 60 more: its Leeway)
+        self.dribble = False  # answer one byte a second, forever: a realm that never finishes its answer
         self._runner: web.AppRunner | None = None
 
     @property
@@ -80,6 +81,13 @@ class TokenServer:
         expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         right = request.headers.get("Authorization") == expected
         self.asked.append({**request.query, "right": right})
+        if self.dribble:
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            await response.write(b'{"token": "')
+            while True:  # each byte well within downloads.read_timeout
+                await asyncio.sleep(1)
+                await response.write(b"x")
         if not right:
             return web.json_response({"details": "incorrect username or password"}, status=401)
         scope = request.query.get("scope", "")
@@ -243,3 +251,22 @@ async def test_a_token_that_expires_mid_download_is_asked_for_again(
     assert job["state"] == "completed", job
     assert job["digest"] == sha256(manifest)
     assert len(tokens.issued) >= 2, tokens.asked  # the first expired; the registry's 401 got a second
+
+
+async def test_a_realm_that_never_finishes_its_answer_fails_the_download_in_bounded_time(
+        token_registry, tmp_path, start_server, worker, db, dsn, http, make_token, monkeypatch):
+    """A byte a second keeps every read within downloads.read_timeout (5 s here): the token answer, at most
+    1 MiB, must still arrive whole within that time, not hold the download (and its source's slot) forever."""
+    registry, tokens, _, _ = token_registry
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    tokens.dribble = True
+    settings = source_settings(tmp_path, dsn, registry.port)
+    server = await start_server(settings)
+    await worker(settings)
+    await allow(db, "registry", f"http://127.0.0.1:{tokens.port}/")
+    admin = await make_token("admin")
+    started = time.monotonic()
+    job = await download(http, server, admin, source="registry", reference="tiny:1", model="tiny", version="1")
+    assert job["state"] == "failed", job
+    assert time.monotonic() - started < 20
+    assert "its token realm" in job["error"] and "did not finish its answer within 5s" in job["error"], job["error"]

@@ -122,15 +122,24 @@ class RegistryAuth:
 
 
 async def _small_body(transfer: Transfer) -> bytes:
+    """The realm's answer, at most MAX_TOKEN_ANSWER bytes, whole within ``downloads.read_timeout``: the read
+    timeout alone bounds each read, and a realm sending a byte at a time would hold the download forever."""
     response = await transfer.open()
+    bound = transfer.settings.read_timeout
     try:
         raw = bytearray()
-        async for chunk in response.content.iter_any():
-            raw += chunk
-            if len(raw) > MAX_TOKEN_ANSWER:
-                raise UpstreamError(f"{_shown(transfer.url)} answered more than {MAX_TOKEN_ANSWER} bytes")
+        async with asyncio.timeout(bound) as whole:
+            async for chunk in response.content.iter_any():
+                raw += chunk
+                if len(raw) > MAX_TOKEN_ANSWER:
+                    raise UpstreamError(f"{_shown(transfer.url)} answered more than {MAX_TOKEN_ANSWER} bytes")
         return bytes(raw)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except TimeoutError:
+        if not whole.expired():
+            raise UpstreamError(f"{_shown(transfer.url)}: no byte for {bound:g}s") from None
+        raise UpstreamError(f"{_shown(transfer.url)} did not finish its answer within {bound:g}s "
+                            f"(downloads.read_timeout; {len(raw)} bytes came)") from None
+    except aiohttp.ClientError as exc:
         raise UpstreamError(f"{_shown(transfer.url)}: {exc or type(exc).__name__}") from None
     finally:
         response.release()
