@@ -216,7 +216,7 @@ async def read_until_cut(r, got: bytearray, bound: float = 8.0) -> None:
     """The rest of an answer, which must end short (a payload error) within ``bound`` seconds."""
     async def rest() -> None:
         async for chunk in r.content.iter_any():
-            got += chunk
+            got.extend(chunk)
     with pytest.raises(aiohttp.ClientPayloadError):
         await asyncio.wait_for(rest(), bound)
 
@@ -311,3 +311,17 @@ async def test_an_empty_file_in_flight_is_not_answered_before_it_is_verified(ann
     for method in ("HEAD", "GET"):
         async with http.request(method, url, headers=bearer(node)) as r:
             assert r.status == 404, (method, r.status)
+
+
+async def test_an_answer_whose_partial_file_is_gone_is_cut_short_at_once(announcer, http, make_token):
+    """Neither the partial file the announcement names nor the blob: the answer ends short (not left
+    open, waiting for bytes that never come, until the keep-alive timer closes the connection)."""
+    server, url, content, announce, partial = announcer
+    node = await make_token("node")
+    announce(available=1 << 20)  # and no partial file at all
+    got = bytearray()
+    started = time.monotonic()
+    async with http.get(url, headers=bearer(node)) as r:
+        assert r.status == 200
+        await read_until_cut(r, got, bound=12)
+    assert got == b"" and time.monotonic() - started < 12

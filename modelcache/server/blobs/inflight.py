@@ -95,6 +95,12 @@ async def send_in_flight(request: web.Request, response: web.StreamResponse, fli
             if ready > at:
                 if fd < 0:
                     fd = await _open(request, flight)
+                    if fd < 0:  # an answer left open would wait for its missing bytes until keep-alive ends
+                        logger.warning("blob %s: the answer to %s is cut off at byte %d of bytes %d-%d: it is "
+                                       "neither at %s nor in the store", digest, request.remote, at, offset,
+                                       end - 1, flight.path)
+                        transport.abort()
+                        return response
                 data = await asyncio.to_thread(_read, fd, min(ready - at, CHUNK), at, sent)
                 if data and sent is not None and at + len(data) == end \
                         and not await asyncio.to_thread(_as_verified, request.app[STORE].path_for(digest), flight,
@@ -162,7 +168,8 @@ def _as_verified(blob: Path, flight: AnnouncedFile, sent: "hashlib._Hash", offse
 
 
 async def _open(request: web.Request, flight: FlightFile | AnnouncedFile) -> int:
-    """The file's descriptor: the partial file (renamed when verified), else the committed blob."""
+    """The file's descriptor: the partial file (renamed when verified), else the committed blob; -1 if
+    neither is there within OPEN_SECONDS."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + OPEN_SECONDS
     while True:
@@ -174,5 +181,5 @@ async def _open(request: web.Request, flight: FlightFile | AnnouncedFile) -> int
             except FileNotFoundError:
                 continue
         if loop.time() > deadline:
-            raise ConnectionResetError(f"blob {flight.digest} is neither at {flight.path} nor in the store")
+            return -1
         await asyncio.sleep(0.05)
