@@ -325,3 +325,44 @@ async def test_an_answer_whose_partial_file_is_gone_is_cut_short_at_once(announc
         assert r.status == 200
         await read_until_cut(r, got, bound=12)
     assert got == b"" and time.monotonic() - started < 12
+
+
+async def test_symlinks_in_the_downloads_folder_are_not_followed(announcer, http, make_token, tmp_path):
+    """Only the fetchd writes there, and never a link: a partial file, or an announcement, that is a
+    symbolic link (to a file the server may read) gives nothing of what it points at."""
+    server, url, content, announce, partial = announcer
+    node = await make_token("node")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(content)
+    partial.symlink_to(elsewhere)
+    announce(available=1 << 20)
+    got = bytearray()
+    async with http.get(url, headers=bearer(node)) as r:
+        if r.status == 200:
+            await read_until_cut(r, got, bound=12)
+    assert got == b""
+    partial.unlink()
+    partial.write_bytes(content[:1 << 20])
+    announcement = server.data_dir / "tmp" / "downloads" / "inflight" / f"{url.path.rsplit(':', 1)[1]}.json"
+    kept = tmp_path / "kept.json"
+    announcement.replace(kept)
+    announcement.symlink_to(kept)
+    async with http.head(url, headers=bearer(node)) as r:
+        assert r.status == 404
+
+
+async def test_an_announcement_that_is_not_a_file_is_not_read(announcer, http, make_token):
+    """A FIFO where an announcement goes: reading it would block a thread for good."""
+    server, url, content, announce, partial = announcer
+    node = await make_token("node")
+    announcement = server.data_dir / "tmp" / "downloads" / "inflight" / f"{url.path.rsplit(':', 1)[1]}.json"
+    os.mkfifo(announcement)
+    try:
+        async with asyncio.timeout(5):
+            async with http.head(url, headers=bearer(node)) as r:
+                assert r.status == 404
+    finally:
+        try:  # let a reader that blocked on it go
+            os.close(os.open(announcement, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass

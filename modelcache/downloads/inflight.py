@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import stat
 import time
 import uuid
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 ANNOUNCE_SECONDS = 0.1  # an announcement follows its file's progress at most this often
 BEAT_SECONDS = 1.0  # and is rewritten this often regardless, as a heartbeat
 STALE_SECONDS = 5.0  # a heartbeat older than this: the announcing process is gone
+MAX_ANNOUNCEMENT = 64 << 10  # an announcement is a few hundred bytes
 
 
 class FlightFile:
@@ -237,10 +239,23 @@ def _remove_announcements(store: BlobStore, job_id: uuid.UUID, digests: list[Dig
 
 
 def read_announcement(path: Path) -> dict | None:
-    """An announcement as written, or None (absent, or caught half-replaced: read again later)."""
+    """An announcement as written, or None (absent, or caught half-replaced: read again later; or not one
+    the writer makes: a link, a FIFO, more than MAX_ANNOUNCEMENT bytes, which are never followed)."""
     try:
-        state = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # absent, or a symbolic link (ELOOP)
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        raw = os.read(fd, MAX_ANNOUNCEMENT + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        state = json.loads(raw) if len(raw) <= MAX_ANNOUNCEMENT else None
+    except ValueError:
         return None
     return state if isinstance(state, dict) else None
 

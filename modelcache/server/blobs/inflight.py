@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import stat
 from pathlib import Path
 
 from aiohttp import web
@@ -147,11 +148,7 @@ def _as_verified(blob: Path, flight: AnnouncedFile, sent: "hashlib._Hash", offse
         return sent.hexdigest() == flight.digest.hex
     verified = hashlib.sha256()
     for path in (blob, flight.path):
-        if path is None:
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        if path is None or (fd := _open_file(path)) < 0:
             continue
         try:
             at = offset
@@ -174,12 +171,22 @@ async def _open(request: web.Request, flight: FlightFile | AnnouncedFile) -> int
     deadline = loop.time() + OPEN_SECONDS
     while True:
         for path in (flight.path, request.app[STORE].path_for(flight.digest)):
-            if path is None:
-                continue
-            try:
-                return await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
+            if path is not None and (fd := await asyncio.to_thread(_open_file, path)) >= 0:
+                return fd
         if loop.time() > deadline:
             return -1
         await asyncio.sleep(0.05)
+
+
+def _open_file(path: Path) -> int:
+    """A descriptor of the regular file at ``path``, or -1: absent, or not what a download writes there (a
+    symbolic link is not followed, a FIFO not waited on; the path may come from another process's
+    announcement)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return -1
+    return fd
