@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -861,3 +862,29 @@ async def test_an_http_download_with_an_expected_sha256_is_streamed_while_it_is_
     done = await wait_for(http, server, operator, job["id"])
     assert done["state"] == "completed" and done["digest"] == digest
     assert (await wait_for(http, server, operator, unnamed["id"]))["digest"] == other_digest
+
+
+async def test_a_start_removes_what_a_killed_announcer_left(settings, worker, store):
+    """A process killed while it rewrote an announcement leaves its ``.tmp`` beside it; one killed at any
+    time leaves the announcement itself. A worker's start removes both once stale (and the folder, when
+    nothing else is in it), and leaves a live process's announcement alone."""
+    folder = store.announcement_dir
+    folder.mkdir(parents=True)
+    old = time.time() - 60
+    stale = folder / f"{'ab' * 32}.json"
+    stale.write_text(json.dumps({"job": "j", "digest": f"sha256:{'ab' * 32}", "heartbeat": old}))
+    half = folder / f"{'ab' * 32}.json.999999.tmp"
+    half.write_text('{"job": ')
+    os.utime(half, (old, old))
+    live = folder / f"{'cd' * 32}.json"
+    live.write_text(json.dumps({"job": "k", "digest": f"sha256:{'cd' * 32}", "heartbeat": time.time()}))
+    fresh = folder / f"{'cd' * 32}.json.{os.getpid()}.tmp"  # being written right now
+    fresh.write_text("{")
+    w = await worker(settings)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, fresh.name])
+    await w.stop()
+    live.unlink()
+    fresh.unlink()
+    stale.write_text(json.dumps({"job": "j", "digest": f"sha256:{'ab' * 32}", "heartbeat": old}))
+    await worker(settings)
+    assert not folder.exists()

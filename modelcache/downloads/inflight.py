@@ -261,19 +261,29 @@ def read_announcement(path: Path) -> dict | None:
 
 
 def remove_stale_announcements(store: BlobStore) -> int:
-    """Announcements a killed process left (heartbeat stale): removed when a worker starts."""
+    """Announcements a killed process left (heartbeat stale), and the ``.tmp`` of one killed while it
+    rewrote one: removed when a worker starts, and the folder with them once empty."""
     removed = 0
     try:
         entries = list(os.scandir(store.announcement_dir))
     except FileNotFoundError:
         return 0
     for entry in entries:
-        if not entry.name.endswith(".json"):
-            continue  # a writer's .tmp: it replaces the announcement, or is left until that one goes
-        state = read_announcement(Path(entry.path))
-        if state is not None and _stale(state):
+        if entry.name.endswith(".json"):
+            state = read_announcement(Path(entry.path))
+            stale = state is not None and _stale(state)
+        else:  # a writer's .tmp, replacing its announcement within milliseconds unless the writer died
+            try:
+                stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_SECONDS
+            except FileNotFoundError:
+                stale = False
+        if stale:
             Path(entry.path).unlink(missing_ok=True)
             removed += 1
+    try:
+        store.announcement_dir.rmdir()  # as when the last job ends: nothing of a download is left behind
+    except OSError:
+        pass
     return removed
 
 
