@@ -5,7 +5,11 @@ A real server on loopback over a real PostgreSQL, driven by test_ui's hand-made 
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import os
 from http.cookies import SimpleCookie
+from pathlib import Path
 
 from test_ui import audit_rows, browser, staging  # noqa: F401 - fixtures
 
@@ -89,3 +93,39 @@ async def test_a_forged_policy_edit_is_refused_for_the_role_before_its_value_is_
     await admin.sign_in(await make_token("admin"))
     status, text, _ = await admin.post("/ui/policy/models.cache.max_bytes", {"value": "lots", "expected_version": "0"})
     assert status == 400 and "expected a whole number" in text
+
+
+# -- what the overview reads from the import folder -----------------------------------------------------
+
+def release_fifo(path: Path) -> None:
+    """Let a reader blocked opening the FIFO at ``path`` go (it reads an end of file)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # no reader waiting: nothing to release
+            raise
+
+
+async def test_the_overview_follows_no_link_and_waits_on_no_fifo_in_failed(browser, make_token, settings, tmp_path):
+    """Whoever may drop files into the import folder (an NFS mount, a shared folder) may not make the
+    overview show a file elsewhere: the importer refuses links, but the failed-imports list read every
+    ``.failed/*.error.json`` through links (a JSON credentials file showed its fields to every reader)
+    and opened a FIFO so named, leaving the page and a worker thread waiting for ever."""
+    secret = tmp_path / "elsewhere" / "service-account.json"
+    secret.parent.mkdir()
+    secret.write_text('{"file": "x", "reason": "private_key_id", "error": "SECRET-4d1f"}')
+    failed = settings.import_dir / ".failed"
+    failed.mkdir(parents=True)
+    (failed / "leak.gguf.error.json").symlink_to(secret)
+    b = browser()
+    await b.sign_in(await make_token("reader"))  # which reads the overview
+    fifo = failed / "stuck.gguf.error.json"
+    os.mkfifo(fifo)
+    try:
+        status, text, _ = await asyncio.wait_for(b.get("/ui/"), 10)
+    finally:
+        release_fifo(fifo)
+    assert status == 200
+    assert "SECRET-4d1f" not in text and "private_key_id" not in text
+    assert "leak.gguf" in text and "a symbolic link" in text
+    assert "stuck.gguf" in text and "not a regular file" in text

@@ -9,11 +9,16 @@ first, so a crash in between leaves the file in place to be tried again.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
+import stat
 from pathlib import Path
 
+from ..formats.reader import load_json_object
 from .scan import FAILED_DIR
+
+MAX_REASON_BYTES = 1 << 20  # what move_to_failed writes is a few hundred bytes
 
 
 def move_to_failed(import_dir: Path, path: Path, companions: tuple[Path, ...], reason: str, error: str,
@@ -62,11 +67,27 @@ def list_failed(import_dir: Path, limit: int = 200) -> list[dict]:
             continue
         rel = error_file.relative_to(import_dir).as_posix().removesuffix(".error.json")
         try:
-            record = json.loads(error_file.read_text())
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
+            record = _read_reason(error_file)
         except (OSError, ValueError) as exc:
             record = {"file": rel, "reason": "unreadable", "error": f"{error_file}: {exc}", "time": None}
         found.append({**record, "path": rel})
     found.sort(key=lambda r: str(r.get("time") or ""), reverse=True)
     return found[:limit]
+
+
+def _read_reason(error_file: Path) -> dict:
+    """A reason file's record. Whoever may drop files into the import folder may put anything under
+    ``.failed/`` too, and what is listed here is shown to every dashboard reader: so only a regular file
+    is read (a link is not followed, as the importer follows none; a FIFO is not waited on), and only
+    up to MAX_REASON_BYTES."""
+    try:
+        fd = os.open(error_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError("a symbolic link: links are not followed") from None
+        raise
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        raw = f.read(MAX_REASON_BYTES + 1)
+    return load_json_object(raw, MAX_REASON_BYTES)
