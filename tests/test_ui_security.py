@@ -129,3 +129,19 @@ async def test_the_overview_follows_no_link_and_waits_on_no_fifo_in_failed(brows
     assert "SECRET-4d1f" not in text and "private_key_id" not in text
     assert "leak.gguf" in text and "a symbolic link" in text
     assert "stuck.gguf" in text and "not a regular file" in text
+
+
+async def test_the_overview_lists_nothing_through_a_failed_folder_that_is_a_link(browser, make_token, settings,
+                                                                                  tmp_path):
+    """``.failed`` itself a link to another folder: its ``*.error.json`` files were listed (and the whole
+    tree under it walked on every view, ``/`` included)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "vault.error.json").write_text('{"file": "x", "reason": "token", "error": "SECRET-77aa"}')
+    settings.import_dir.mkdir(parents=True)
+    (settings.import_dir / ".failed").symlink_to(elsewhere, target_is_directory=True)
+    b = browser()
+    await b.sign_in(await make_token("reader"))
+    status, text, _ = await b.get("/ui/")
+    assert status == 200 and "SECRET-77aa" not in text and "vault" not in text
+    assert ".failed is a symbolic link" in text

@@ -59,6 +59,9 @@ def list_failed(import_dir: Path, limit: int = 200) -> list[dict]:
     error, time), plus ``path`` (where the file now is, relative to the import folder). A reason file
     that cannot be read is listed with that as its error."""
     failed = import_dir / FAILED_DIR
+    if failed.is_symlink():  # what it points at is not ours to walk or show (see _read_reason)
+        return [{"file": FAILED_DIR, "reason": "unreadable", "time": None, "path": FAILED_DIR,
+                 "error": f"{FAILED_DIR} is a symbolic link: links are not followed"}]
     if not failed.is_dir():
         return []
     found = []
