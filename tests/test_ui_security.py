@@ -145,3 +145,18 @@ async def test_the_overview_lists_nothing_through_a_failed_folder_that_is_a_link
     status, text, _ = await b.get("/ui/")
     assert status == 200 and "SECRET-77aa" not in text and "vault" not in text
     assert ".failed is a symbolic link" in text
+
+
+async def test_a_reason_file_without_the_expected_fields_does_not_take_the_overview_down(browser, make_token,
+                                                                                         settings):
+    """A reason file is anyone's JSON (see above): one without ``time`` or ``reason`` made the overview's
+    template fail, a 500 for every role until the file was removed."""
+    failed = settings.import_dir / ".failed"
+    failed.mkdir(parents=True)
+    (failed / "empty.gguf.error.json").write_text("{}")
+    (failed / "odd.gguf.error.json").write_text('{"reason": ["a", "list"], "time": 7, "error": {"x": 1}}')
+    b = browser()
+    await b.sign_in(await make_token("reader"))
+    status, text, _ = await b.get("/ui/")
+    assert status == 200, text
+    assert "empty.gguf" in text and "odd.gguf" in text

@@ -73,9 +73,19 @@ def list_failed(import_dir: Path, limit: int = 200) -> list[dict]:
             record = _read_reason(error_file)
         except (OSError, ValueError) as exc:
             record = {"file": rel, "reason": "unreadable", "error": f"{error_file}: {exc}", "time": None}
-        found.append({**record, "path": rel})
+        found.append(_shaped(record, rel))
     found.sort(key=lambda r: str(r.get("time") or ""), reverse=True)
     return found[:limit]
+
+
+def _shaped(record: dict, rel: str) -> dict:
+    """The record with file, reason, error and time as text (or None), and path: a reason file may be
+    anyone's JSON (see _read_reason), and the overview must render whatever it holds."""
+    def text(value: object) -> str | None:
+        return value if isinstance(value, str) or value is None else json.dumps(value)
+
+    return {**record, "file": text(record.get("file")) or rel, "reason": text(record.get("reason")) or "unknown",
+            "error": text(record.get("error")), "time": text(record.get("time")), "path": rel}
 
 
 def _read_reason(error_file: Path) -> dict:
