@@ -106,6 +106,18 @@ def release_fifo(path: Path) -> None:
             raise
 
 
+async def get_beside_a_fifo(b, path: str, fifo: Path) -> tuple[int, str, dict]:
+    """``b.get(path)`` within 10 s; if it waits on ``fifo`` longer, the server is let go (every open of the
+    FIFO for two seconds reads an end of file) before the timeout is raised, so the test ends."""
+    try:
+        return await asyncio.wait_for(b.get(path), 10)
+    except TimeoutError:
+        for _ in range(40):
+            release_fifo(fifo)
+            await asyncio.sleep(0.05)
+        raise
+
+
 async def test_the_overview_follows_no_link_and_waits_on_no_fifo_in_failed(browser, make_token, settings, tmp_path):
     """Whoever may drop files into the import folder (an NFS mount, a shared folder) may not make the
     overview show a file elsewhere: the importer refuses links, but the failed-imports list read every
@@ -121,10 +133,7 @@ async def test_the_overview_follows_no_link_and_waits_on_no_fifo_in_failed(brows
     await b.sign_in(await make_token("reader"))  # which reads the overview
     fifo = failed / "stuck.gguf.error.json"
     os.mkfifo(fifo)
-    try:
-        status, text, _ = await asyncio.wait_for(b.get("/ui/"), 10)
-    finally:
-        release_fifo(fifo)
+    status, text, _ = await get_beside_a_fifo(b, "/ui/", fifo)
     assert status == 200
     assert "SECRET-4d1f" not in text and "private_key_id" not in text
     assert "leak.gguf" in text and "a symbolic link" in text
@@ -160,3 +169,18 @@ async def test_a_reason_file_without_the_expected_fields_does_not_take_the_overv
     status, text, _ = await b.get("/ui/")
     assert status == 200, text
     assert "empty.gguf" in text and "odd.gguf" in text
+
+
+async def test_a_fifo_named_modelcache_json_holds_up_neither_the_overview_nor_the_scan(browser, make_token,
+                                                                                       settings):
+    """The import folder's scan (the overview runs it on every view, syncd on every pass) opened a folder's
+    modelcache.json without asking what it is: a FIFO so named kept it waiting for ever."""
+    folder = settings.import_dir / "mine" / "1"
+    folder.mkdir(parents=True)
+    (folder / "weights.gguf").write_bytes(b"GGUF" + b"\0" * 100)
+    b = browser()
+    await b.sign_in(await make_token("reader"))
+    fifo = folder / "modelcache.json"
+    os.mkfifo(fifo)
+    status, text, _ = await get_beside_a_fifo(b, "/ui/", fifo)
+    assert status == 200 and "mine/1" in text

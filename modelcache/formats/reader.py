@@ -7,7 +7,9 @@ the file and the offset, never a huge allocation.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,6 +33,23 @@ def load_json_object(raw: bytes, max_bytes: int) -> dict:
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     return doc
+
+
+def read_placed_json(path: Path, max_bytes: int) -> Any:
+    """A JSON value from a file people place (the import folder): read only if ``path`` itself is a
+    regular file (a link is not followed, as the importer follows none; a FIFO or a device is not waited
+    on) and at most ``max_bytes``. ValueError says why not; OSError if it cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError("a symbolic link: links are not followed") from None
+        raise
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        raw = f.read(max_bytes + 1)
+    return jsonvalue.loads(raw, max_bytes=max_bytes, max_members=max_bytes, max_string=max_bytes, max_int=None)
 
 
 def read_json_file(path: Path) -> Any:

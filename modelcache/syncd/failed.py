@@ -9,13 +9,11 @@ first, so a crash in between leaves the file in place to be tried again.
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import json
 import os
-import stat
 from pathlib import Path
 
-from ..formats.reader import load_json_object
+from ..formats.reader import read_placed_json
 from .scan import FAILED_DIR
 
 MAX_REASON_BYTES = 1 << 20  # what move_to_failed writes is a few hundred bytes
@@ -91,16 +89,8 @@ def _shaped(record: dict, rel: str) -> dict:
 def _read_reason(error_file: Path) -> dict:
     """A reason file's record. Whoever may drop files into the import folder may put anything under
     ``.failed/`` too, and what is listed here is shown to every dashboard reader: so only a regular file
-    is read (a link is not followed, as the importer follows none; a FIFO is not waited on), and only
-    up to MAX_REASON_BYTES."""
-    try:
-        fd = os.open(error_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ValueError("a symbolic link: links are not followed") from None
-        raise
-    with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError("not a regular file")
-        raw = f.read(MAX_REASON_BYTES + 1)
-    return load_json_object(raw, MAX_REASON_BYTES)
+    is read (formats.reader.read_placed_json), and only up to MAX_REASON_BYTES."""
+    record = read_placed_json(error_file, MAX_REASON_BYTES)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    return record

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import jsonvalue
-from ..formats.reader import MAX_JSON_FILE_BYTES
+from ..formats.reader import MAX_JSON_FILE_BYTES, read_placed_json
 
 FAILED_DIR = ".failed"
 FOLDER_METADATA = "modelcache.json"
@@ -194,8 +193,6 @@ def _prints(members: list[tuple[Path, os.stat_result]]) -> Fingerprint:
 
 
 def _load_json(path: Path) -> Any:
-    """A JSON file of the import folder, within the bounds of every JSON value from outside (ValueError if not)."""
-    with open(path, "rb") as f:
-        raw = f.read(MAX_JSON_FILE_BYTES + 1)
-    return jsonvalue.loads(raw, max_bytes=MAX_JSON_FILE_BYTES, max_members=MAX_JSON_FILE_BYTES,
-                           max_string=MAX_JSON_FILE_BYTES, max_int=None)
+    """A JSON file of the import folder, a regular one within the bounds of every JSON value from outside
+    (ValueError if not: a FIFO named modelcache.json held up every scan)."""
+    return read_placed_json(path, MAX_JSON_FILE_BYTES)
