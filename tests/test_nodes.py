@@ -2,6 +2,9 @@
 selection, placements, the loading timeout, and eviction while a node loads."""
 
 import asyncio
+import hashlib
+import os
+import subprocess
 import time
 import uuid
 
@@ -202,7 +205,7 @@ async def test_a_long_poll_is_answered_the_moment_a_load_is_requested(cache, ggu
     assert actions == ["node_load.update", "node_load.ack", "node_load.request"]
 
 
-async def test_selection_prefers_the_node_that_has_the_version_unless_told_not_to(cache, gguf_version):
+async def test_selection_prefers_the_node_that_has_the_version_unless_told_not_to(cache, gguf_version, tmp_path):
     api = await cache()
     result = await gguf_version()
     version_id = await version_of(api, result)
@@ -217,6 +220,13 @@ async def test_selection_prefers_the_node_that_has_the_version_unless_told_not_t
     assert first["version"] == {"id": version_id, "model": "llama3", "vendor": "meta", "version": "8b"}
     assert first["pull"]["curl"].endswith(f"/v1/blobs/{result.digest}")
     assert first["pull"]["ollama"].endswith("/meta/llama3:8b") and first["pull"]["hf"] is None
+    # the curl line works as pasted into a shell with TOKEN set (pointed at this test's port)
+    curl = first["pull"]["curl"]
+    curl = curl.replace(curl.rsplit(" ", 1)[1].split("/v1/blobs/")[0], api.url)
+    fetched = await asyncio.to_thread(subprocess.run, ["bash", "-c", curl + " --fail --silent"],
+                                      cwd=tmp_path, env={"PATH": os.environ["PATH"], "TOKEN": a["config"]["token"]})
+    assert fetched.returncode == 0
+    assert hashlib.sha256((tmp_path / "llama3-8b.gguf").read_bytes()).hexdigest() == result.digest.hex
 
     await api("POST", f"/v1/nodes/{a['node']['id']}/availability", token=a["config"]["token"],
               json={"model_version_id": version_id, "status": "available"})

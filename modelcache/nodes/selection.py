@@ -195,7 +195,7 @@ def artifact_pull(vendor: str | None, name: str, tag: str, sha256: str, artifact
     extension = {"gguf": "gguf", "safetensors": "safetensors", "ollama": "json"}[artifact_type]
     target = shlex.quote(f"{name}-{tag}.{extension}")
     out: dict[str, Any] = {
-        "curl": f"curl -H 'Authorization: Bearer $TOKEN' -o {target} {cache_url}/v1/blobs/{digest}",
+        "curl": f'curl -H "Authorization: Bearer $TOKEN" -o {target} {cache_url}/v1/blobs/{digest}',
         "ollama": None, "hf": None}
     if artifact_type in ("gguf", "ollama"):
         host = cache_url.split("://", 1)[1].rstrip("/")
