@@ -48,6 +48,7 @@ try:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 except ImportError:  # the test extras were not installed: needs_browser skips, saying so
     webdriver = By = expected_conditions = WebDriverWait = None
 
@@ -115,7 +116,18 @@ def assert_no_console_errors(driver) -> None:
 
 
 def wait_for(driver, condition, timeout: float = 10):
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
+    """``condition`` once it holds. An element found in the instant before the page changed under it (a
+    form's redirect landing, live.js swapping a row) is looked for again, not taken for a failure."""
+
+    def settled(d):
+        try:
+            return condition(d)
+        except WebDriverException as exc:
+            if isinstance(exc, StaleElementReferenceException) or "does not belong to the document" in str(exc.msg):
+                return False
+            raise
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(settled)
 
 
 def sign_in(driver, base: str, token: str, path: str = "/ui/") -> None:
