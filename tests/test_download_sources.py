@@ -28,14 +28,13 @@ import pytest
 from aiohttp import web
 
 from conftest import gguf_bytes, safetensors_bytes
-from modelcache import config
 from modelcache.auth import Role, Subject
 from modelcache.db import Database
 from modelcache.imports import ImportRequest, import_path
 from modelcache.store import BlobStore
 from modelcache.tokens import create_token
-from test_downloads import (RunProcess, allow, bearer, blob_files, free_port, request_download,  # noqa: F401
-                            wait_for, worker)
+from test_downloads import (RunProcess, allow, bearer, blob_files, free_port, make_download_settings,  # noqa: F401
+                            request_download, wait_for, worker)
 from test_hf_api import snapshot_files, write_snapshot
 from test_hf_clients import Server
 from test_oci_clients import DOCKER, OCI, ollama_models_dir
@@ -89,23 +88,6 @@ async def upstream(make_database, tmp_path):
     await asyncio.to_thread(server.stop)
 
 
-@pytest.fixture
-def make_source_settings(tmp_path, dsn):
-    def make(sources: dict[str, tuple[str, str]], tokens: dict[str, str] | None = None) -> config.Settings:
-        lines = []
-        for sid, (kind, url) in sources.items():
-            lines += [f"[sources.{sid}]", f'kind = "{kind}"', f'url = "{url}"']
-            if tokens and sid in tokens:
-                lines.append(f'token_env = "{tokens[sid]}"')
-            lines.append("")
-        lines += ["[downloads]", "poll_seconds = 0.2", "read_timeout = 5"]
-        path = tmp_path / "modelcache.toml"
-        path.write_text("\n".join(lines) + "\n")
-        return config.load(path, env={}, overrides={"storage.data_dir": str(tmp_path / "data"), "database.dsn": dsn})
-
-    return make
-
-
 def artifact_row(dsn: str, digest: str) -> tuple[dict, dict[str, tuple[str, int]]]:
     """The artifact registered with ``digest`` and its files (path -> digest, size), derived ones aside."""
     with psycopg.connect(dsn) as conn:
@@ -139,9 +121,9 @@ def staging_left(data_dir: Path) -> list[Path]:
 
 
 async def test_a_site_cache_fills_from_a_central_one_by_digest_and_by_name(
-        upstream, make_source_settings, start_server, worker, db, dsn, http, make_token, monkeypatch):
+        upstream, make_download_settings, start_server, worker, db, dsn, http, make_token, monkeypatch):
     monkeypatch.setenv(UPSTREAM_TOKEN, upstream.token)
-    settings = make_source_settings({"central": ("modelcache", upstream.url)}, {"central": UPSTREAM_TOKEN})
+    settings = make_download_settings({"central": ("modelcache", upstream.url)}, {"central": UPSTREAM_TOKEN})
     server = await start_server(settings)
     await worker(settings)
     await allow(db, "central")
@@ -181,7 +163,7 @@ async def test_a_site_cache_fills_from_a_central_one_by_digest_and_by_name(
 
 
 async def test_a_central_cache_serving_damaged_bytes_leaves_nothing(
-        upstream, make_source_settings, start_server, worker, db, dsn, http, make_token, monkeypatch):
+        upstream, make_download_settings, start_server, worker, db, dsn, http, make_token, monkeypatch):
     # damage one shard on the central cache's disk (as the owner it can be made writable again): it serves
     # the wrong bytes under the right digest
     shard = upstream.snapshot_files["model-00002-of-00002.safetensors"]
@@ -191,7 +173,7 @@ async def test_a_central_cache_serving_damaged_bytes_leaves_nothing(
     damaged[-1] ^= 0xFF
     path.write_bytes(bytes(damaged))
     monkeypatch.setenv(UPSTREAM_TOKEN, upstream.token)
-    settings = make_source_settings({"central": ("modelcache", upstream.url)}, {"central": UPSTREAM_TOKEN})
+    settings = make_download_settings({"central": ("modelcache", upstream.url)}, {"central": UPSTREAM_TOKEN})
     server = await start_server(settings)
     await worker(settings)
     await allow(db, "central")
@@ -209,7 +191,7 @@ async def test_a_central_cache_serving_damaged_bytes_leaves_nothing(
 
 
 async def test_a_central_cache_declaring_a_wrong_artifact_digest_leaves_nothing(
-        upstream, make_source_settings, start_server, worker, db, dsn, http, make_token, monkeypatch):
+        upstream, make_download_settings, start_server, worker, db, dsn, http, make_token, monkeypatch):
     # every file is what the central cache says it is, but the artifact digest it declares is not the one
     # those files make: refused before any blob is committed, so nothing is left for the start-up sweep
     lie = sha256(b"not the manifest")
@@ -217,7 +199,7 @@ async def test_a_central_cache_declaring_a_wrong_artifact_digest_leaves_nothing(
         conn.execute("UPDATE model_artifacts SET sha256 = %s WHERE sha256 = %s",
                      (lie[7:], upstream.snapshot.digest.hex))
     monkeypatch.setenv(UPSTREAM_TOKEN, upstream.token)
-    settings = make_source_settings({"central": ("modelcache", upstream.url)}, {"central": UPSTREAM_TOKEN})
+    settings = make_download_settings({"central": ("modelcache", upstream.url)}, {"central": UPSTREAM_TOKEN})
     server = await start_server(settings)
     await worker(settings)
     await allow(db, "central")
@@ -329,10 +311,10 @@ async def test_killing_run_mid_multi_file_download_resumes_from_disk(make_databa
 
 
 async def test_a_hub_repository_with_include_patterns(
-        upstream, make_source_settings, start_server, worker, db, dsn, http, make_token, monkeypatch):
+        upstream, make_download_settings, start_server, worker, db, dsn, http, make_token, monkeypatch):
     monkeypatch.setenv(UPSTREAM_TOKEN, upstream.token)
     hub = f"http://127.0.0.1:{upstream.server.port}/hf"
-    settings = make_source_settings({"hub": ("huggingface", hub)}, {"hub": UPSTREAM_TOKEN})
+    settings = make_download_settings({"hub": ("huggingface", hub)}, {"hub": UPSTREAM_TOKEN})
     server = await start_server(settings)
     await worker(settings)
     await allow(db, "hub")
@@ -357,7 +339,7 @@ async def test_a_hub_repository_with_include_patterns(
 
 
 async def test_hub_metadata_redirected_off_the_source_is_refused(
-        make_source_settings, start_server, worker, db, http, make_token):
+        make_download_settings, start_server, worker, db, http, make_token):
     # a Hub endpoint whose API redirects: to another host (allowed as a URL prefix, so bytes could come
     # from it), and to the cloud metadata address; metadata is read from the configured source only
     other_hits: list[str] = []
@@ -383,7 +365,7 @@ async def test_hub_metadata_redirected_off_the_source_is_refused(
     hub_port = free_port()
     await web.TCPSite(hub_runner, "127.0.0.1", hub_port).start()
     try:
-        settings = make_source_settings({"hub": ("huggingface", f"http://127.0.0.1:{hub_port}")})
+        settings = make_download_settings({"hub": ("huggingface", f"http://127.0.0.1:{hub_port}")})
         server = await start_server(settings)
         await worker(settings)
         await allow(db, "hub", f"http://127.0.0.1:{other_port}/")
@@ -471,12 +453,12 @@ def push_ollama_model(registry: Registry, tmp_path: Path) -> tuple[bytes, dict[s
 
 
 async def test_an_ollama_model_from_a_registry_is_served_byte_for_byte(
-        registry, tmp_path, make_source_settings, start_server, worker, db, dsn, http, make_token):
+        registry, tmp_path, make_download_settings, start_server, worker, db, dsn, http, make_token):
     manifest, blobs = await asyncio.to_thread(push_ollama_model, registry, tmp_path)
     async with http.get(f"http://127.0.0.1:{registry.port}/v2/library/tiny/manifests/1",
                         headers={"Accept": DOCKER}) as r:
         assert r.status == 200 and await r.read() == manifest  # the registry holds it as pushed
-    settings = make_source_settings({"registry": ("ollama", f"http://127.0.0.1:{registry.port}")})
+    settings = make_download_settings({"registry": ("ollama", f"http://127.0.0.1:{registry.port}")})
     server = await start_server(settings)
     await worker(settings)
     await allow(db, "registry")
@@ -507,9 +489,9 @@ async def assert_pulled_as_ollama(job: dict, manifest: bytes, blobs: dict[str, b
     assert staging_left(settings.data_dir) == []
 
 
-async def test_an_ollama_reference_is_checked_when_asked(registry, make_source_settings, start_server, db, http,
+async def test_an_ollama_reference_is_checked_when_asked(registry, make_download_settings, start_server, db, http,
                                                        make_token):
-    settings = make_source_settings({"registry": ("ollama", f"http://127.0.0.1:{registry.port}")})
+    settings = make_download_settings({"registry": ("ollama", f"http://127.0.0.1:{registry.port}")})
     server = await start_server(settings)
     await allow(db, "registry")
     admin = await make_token("admin")

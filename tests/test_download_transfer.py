@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -20,11 +18,10 @@ import pytest
 
 from conftest import gguf_bytes
 from test_downloads import (ENDED, LoopbackProxy, Nginx, allow, audit_rows, free_port, make_download_settings,  # noqa: F401
-                            put, request_download, wait_for, worker)
+                            nginx_dirs, put, request_download, wait_for, worker)
 
 pytestmark = pytest.mark.registry
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 MIB = 1 << 20
 
 
@@ -45,13 +42,7 @@ class Upstream(Nginx):
 
 @pytest.fixture
 def nginx(tmp_path):
-    if NGINX is None:
-        pytest.skip("Debian's nginx is not installed (apt-get install nginx)")
-    root, work = tmp_path / "www", tmp_path / "nginx"
-    (root / "files").mkdir(parents=True)
-    work.mkdir()
-    os.chmod(tmp_path, 0o755)
-    server = Upstream(root, work)
+    server = Upstream(*nginx_dirs(tmp_path))
     yield server
     server.stop()
 

@@ -138,14 +138,20 @@ class Nginx:
         self.proc.wait(10)
 
 
-@pytest.fixture
-def nginx(tmp_path):
+def nginx_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """(the served root, with its files/ folder; nginx's work dir), readable by nginx's worker; or a skip."""
     if NGINX is None:
         pytest.skip("Debian's nginx is not installed (apt-get install nginx)")
     root, work = tmp_path / "www", tmp_path / "nginx"
     (root / "files").mkdir(parents=True)
     work.mkdir()
     os.chmod(tmp_path, 0o755)
+    return root, work
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    root, work = nginx_dirs(tmp_path)
     tls = make_tls(work) if shutil.which("openssl") else None
     server = Nginx(root, work, tls=tls)
     server.ca = work / "ca.pem" if tls else None
@@ -237,12 +243,15 @@ class CuttingProxy(LoopbackProxy):
 
 @pytest.fixture
 def make_download_settings(tmp_path, dsn):
-    """Settings with ``[sources.<id>]`` tables (written to a real config file)."""
+    """Settings with ``[sources.<id>]`` tables (written to a real config file): a source is its URL (an
+    ``http`` source) or ``(kind, url)``."""
 
-    def make(sources: dict[str, str], tokens: dict[str, str] | None = None, **overrides) -> config.Settings:
+    def make(sources: dict[str, str | tuple[str, str]], tokens: dict[str, str] | None = None,
+             **overrides) -> config.Settings:
         lines = []
-        for sid, url in sources.items():
-            lines += [f"[sources.{sid}]", 'kind = "http"', f'url = "{url}"']
+        for sid, source in sources.items():
+            kind, url = ("http", source) if isinstance(source, str) else source
+            lines += [f"[sources.{sid}]", f'kind = "{kind}"', f'url = "{url}"']
             if tokens and sid in tokens:
                 lines.append(f'token_env = "{tokens[sid]}"')
             lines.append("")
