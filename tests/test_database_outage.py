@@ -258,3 +258,35 @@ async def test_statement_bounds_cut_a_silent_server_and_spare_long_work(tmp_path
     finally:
         await db.close()
         await asyncio.to_thread(embedded.stop)
+
+
+async def test_a_committed_change_is_not_undone_by_a_database_that_stops_answering(tmp_path, caplog):
+    """An upload, promote, evict or token mint has committed when it refreshes this server's catalog: if
+    PostgreSQL stops answering right then, the refresh gives up within the bounds and says so in the log,
+    and the request's answer stands (a 503 there would lose a minted token's secret)."""
+    from modelcache.db.migrate import migrate
+    from modelcache.server.catalog import Catalog
+
+    embedded = EmbeddedPostgres(tmp_path / "pg")
+    dsn = await asyncio.to_thread(embedded.start)
+    db = Database(dsn, DatabaseSettings(pool_min_size=1, pool_max_size=1, connect_timeout=2, acquire_timeout=2,
+                                        statement_timeout=1))
+    try:
+        await db.open()
+        await migrate(db)
+        catalog = Catalog(db)
+        postmaster = psutil.Process(int((tmp_path / "pg" / "postmaster.pid").read_text().split()[0]))
+        frozen = _signal_all(postmaster, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            await catalog.changed(["sha256:" + "ab" * 32])
+            await catalog.tokens_changed()
+            took = time.monotonic() - started
+        finally:
+            _signal_all(postmaster, signal.SIGCONT, frozen)
+        assert took < 2 * (2 + SLACK), took
+        assert any("changed blob(s) will be served as the change log tells" in m for m in caplog.messages)
+        assert any("tokens will be read again when the database answers" in m for m in caplog.messages)
+    finally:
+        await db.close()
+        await asyncio.to_thread(embedded.stop)

@@ -249,14 +249,26 @@ class Catalog:
 
     async def changed(self, digests: list[str]) -> None:
         """Read these blobs now and update the followers: what a request just changed is served as it
-        answers (read-after-write), not when the notification arrives."""
+        answers (read-after-write), not when the notification arrives.
+
+        The change is committed when this is called: if PostgreSQL cannot answer now, the request still
+        succeeded (its answer must not become a 503, nor a minted token's secret be lost), and this
+        server learns of the change from the change log once the database is back."""
         if digests:
-            await self.refresh(digests)
-            await self._tell_followers(digests)
+            try:
+                await self.refresh(digests)
+                await self._tell_followers(digests)
+            except DatabaseUnavailable as exc:
+                logger.warning("%d changed blob(s) will be served as the change log tells, not at once: %s",
+                               len(digests), exc.detail)
 
     async def tokens_changed(self) -> None:
-        """Read the tokens now: a token minted or revoked by a request works (or stops) as it answers."""
-        await self._reload_tokens()
+        """Read the tokens now: a token minted or revoked by a request works (or stops) as it answers
+        (and, as for :meth:`changed`, when the database is back if it cannot answer now)."""
+        try:
+            await self._reload_tokens()
+        except DatabaseUnavailable as exc:
+            logger.warning("tokens will be read again when the database answers, not at once: %s", exc.detail)
 
     async def _reload_tokens(self) -> None:
         async with self._db.connection() as conn:
