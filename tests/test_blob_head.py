@@ -15,7 +15,7 @@ from modelcache.server.keys import CATALOG
 
 from conftest import gguf_bytes
 
-pytestmark = pytest.mark.registry
+pytestmark = [pytest.mark.registry, pytest.mark.e2e]
 
 
 class Conn:

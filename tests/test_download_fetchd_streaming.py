@@ -27,7 +27,7 @@ from test_downloads import Killable, allow, bearer, request_download
 from test_pull_through import download_rows, make_pt_settings, upstream_manifest  # noqa: F401
 from test_pull_through_streaming import SlowProxy, read_timed
 
-pytestmark = pytest.mark.registry
+pytestmark = [pytest.mark.registry, pytest.mark.e2e]
 
 
 class Fetchd(Killable):

@@ -28,7 +28,7 @@ from test_download_sources import (REGISTRY, SKOPEO, Registry, assert_pulled_as_
 from test_downloads import allow, free_port, worker  # noqa: F401
 from test_oci_clients import DOCKER
 
-pytestmark = pytest.mark.registry
+pytestmark = [pytest.mark.registry, pytest.mark.e2e]
 
 SERVICE = "modelcache-test-registry"
 ISSUER = "modelcache-test-issuer"

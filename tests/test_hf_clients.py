@@ -21,7 +21,7 @@ import pytest
 from test_embedded import free_port, wait_ready
 from test_hf_api import snapshot_files, write_snapshot
 
-pytestmark = pytest.mark.registry
+pytestmark = [pytest.mark.registry, pytest.mark.e2e]
 
 REPO = "acme/tiny"
 

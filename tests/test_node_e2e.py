@@ -18,7 +18,7 @@ from conftest import gguf_bytes
 from modelcache.formats.ollama import Manifest, ModelName, ModelsDir
 from test_embedded import free_port, wait_ready
 
-pytestmark = pytest.mark.registry
+pytestmark = [pytest.mark.registry, pytest.mark.e2e]
 
 MiB = 1 << 20
 

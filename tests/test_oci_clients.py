@@ -35,7 +35,7 @@ from modelcache.server.keys import CATALOG
 from modelcache.syncd.daemon import SyncDaemon
 from conftest import gguf_bytes
 
-pytestmark = pytest.mark.registry
+pytestmark = [pytest.mark.registry, pytest.mark.e2e]
 
 DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
 OCI = "application/vnd.oci.image.manifest.v1+json"

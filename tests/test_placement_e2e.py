@@ -11,7 +11,7 @@ from aiohttp import ClientSession
 from test_embedded import free_port, wait_ready
 from test_node_e2e import Agent, clean_env, wait_for
 
-pytestmark = pytest.mark.registry
+pytestmark = [pytest.mark.registry, pytest.mark.e2e]
 
 
 async def test_a_placement_warms_both_agents_without_selection(dsn, settings, tmp_path, make_token, make_file,

@@ -29,7 +29,7 @@ from test_pull_through import download_rows, make_pt_settings, upstream_manifest
 from modelcache import preferences
 from modelcache.auth import Subject
 
-pytestmark = pytest.mark.registry
+pytestmark = [pytest.mark.registry, pytest.mark.e2e]
 
 SLICES = 20
 SLICE_SECONDS = 0.2  # a large blob takes SLICES * SLICE_SECONDS = 4 s through the proxy

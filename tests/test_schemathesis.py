@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 from test_embedded import free_port, wait_ready
 
-pytestmark = pytest.mark.registry
+pytestmark = [pytest.mark.registry, pytest.mark.e2e]
 
 
 def test_schemathesis_finds_no_drift_and_no_server_error(dsn, tmp_path, make_file):

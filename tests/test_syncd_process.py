@@ -15,7 +15,7 @@ import pytest
 
 from conftest import gguf_bytes
 
-pytestmark = pytest.mark.registry
+pytestmark = [pytest.mark.registry, pytest.mark.e2e]
 
 BIG_FLOATS = 1 << 28  # 1 GiB of tensor data: about 0.7 s of hashing here, long enough to be caught at it
 
