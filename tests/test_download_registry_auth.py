@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 
 from modelcache import config
+from modelcache.downloads.registry_auth import challenge_params
 from test_download_sources import (REGISTRY, SKOPEO, Registry, assert_pulled_as_ollama, download, push_ollama_model,
                                    sha256, staging_left)
 from test_downloads import allow, free_port, worker  # noqa: F401
@@ -270,3 +271,18 @@ async def test_a_realm_that_never_finishes_its_answer_fails_the_download_in_boun
     assert job["state"] == "failed", job
     assert time.monotonic() - started < 20
     assert "its token realm" in job["error"] and "did not finish its answer within 5s" in job["error"], job["error"]
+
+
+@pytest.mark.parametrize("rest, expected", [
+    ('realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/x:pull"',
+     {"realm": "https://auth.docker.io/token", "service": "registry.docker.io", "scope": "repository:library/x:pull"}),
+    # unquoted values (a token per RFC 9110), spaces after commas, names in any case
+    ("Realm=https://ghcr.io/token, service=ghcr.io ,scope=repository:a/b:pull",
+     {"realm": "https://ghcr.io/token", "service": "ghcr.io", "scope": "repository:a/b:pull"}),
+    # a quoted string may hold commas and escaped quotes
+    (r'realm="https://r/t?a=1,b=2",error="insufficient_scope",error_description="need \"pull\""',
+     {"realm": "https://r/t?a=1,b=2", "error": "insufficient_scope", "error_description": 'need "pull"'}),
+    ("", {}),
+])
+def test_challenge_parameters_quoted_or_not(rest, expected):
+    assert challenge_params(rest) == expected

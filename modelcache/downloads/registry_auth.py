@@ -47,7 +47,16 @@ from .transfer import Transfer, UpstreamError, _shown
 logger = logging.getLogger(__name__)
 
 MAX_TOKEN_ANSWER = 1 << 20
-_PARAM = re.compile(r'(\w+)\s*=\s*"([^"]*)"')
+# an auth-param of a challenge (RFC 9110 11.2): a name, "=", then a token or a quoted string (with \-escapes)
+_PARAM = re.compile(r'([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]+))')
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def challenge_params(rest: str) -> dict[str, str]:
+    """The parameters of a challenge after its scheme: ``realm="https://a/token",service=a`` →
+    ``{"realm": "https://a/token", "service": "a"}``; names are lowercased, as they are case-insensitive."""
+    return {name.lower(): _ESCAPE.sub(r"\1", quoted) if token == "" else token
+            for name, quoted, token in _PARAM.findall(rest)}
 
 
 class RegistryAuth:
@@ -78,7 +87,7 @@ class RegistryAuth:
             raise UpstreamError(f"{what} answered 401 Unauthorized with a challenge we do not answer "
                                 f"({(challenge or 'none')[:200]!r}; only Bearer token auth is supported)",
                                 challenge, 401)
-        params = dict(_PARAM.findall(rest))
+        params = challenge_params(rest)
         realm = params.pop("realm", None)
         if not realm:
             raise UpstreamError(f"{what} asked for a Bearer token without a realm: {challenge[:200]!r}")
