@@ -403,3 +403,26 @@ async def test_an_import_that_takes_longer_than_progress_seconds_logs_its_progre
     assert progress, [r.getMessage() for r in caplog.records]
     done = [int(m.group(1)) for m in progress]
     assert done == sorted(done) and 0 < done[0] and done[-1] <= size
+
+
+@pytest.mark.parametrize("linked", [".failed", ".failed/acme"])
+async def test_a_failed_folder_made_a_symbolic_link_is_not_written_through(start_daemon, db, tmp_path, caplog, linked):
+    """Whoever may drop files could point .failed (or a folder in it) elsewhere: nothing is written
+    there, the file stays in place with a log line naming the link, and it is moved once the link is gone."""
+    daemon = await start_daemon()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = daemon.import_dir / linked
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_dir():
+        link.rmdir()  # the daemon made an empty .failed at start
+    os.symlink(elsewhere, link)
+    data = gguf_bytes(n_floats=4096)
+    drop(daemon.import_dir / "acme" / "1" / "cut.gguf", data[: len(data) // 2])
+    await eventually(lambda: "a symbolic link is not followed" in caplog.text)
+    assert list(elsewhere.iterdir()) == []
+    assert (daemon.import_dir / "acme" / "1" / "cut.gguf").exists() and f"{link} is not a folder" in caplog.text
+    os.unlink(link)
+    moved = daemon.import_dir / ".failed" / "acme" / "1" / "cut.gguf"
+    await eventually(lambda: moved.exists() and moved.with_name("cut.gguf.error.json").exists(), timeout=15)
+    assert list(elsewhere.iterdir()) == []

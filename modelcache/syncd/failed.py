@@ -9,6 +9,7 @@ first, so a crash in between leaves the file in place to be tried again.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 from pathlib import Path
@@ -21,35 +22,78 @@ MAX_REASON_BYTES = 1 << 20  # what move_to_failed writes is a few hundred bytes
 
 def move_to_failed(import_dir: Path, path: Path, companions: tuple[Path, ...], reason: str, error: str,
                    details: dict | None = None) -> Path:
-    """Move ``path`` (and ``companions``, e.g. its sidecar) under ``.failed/``; returns the new path."""
+    """Move ``path`` (and ``companions``, e.g. its sidecar) under ``.failed/``; returns the new path.
+
+    Whoever may drop files may also make ``.failed`` (or a folder under it) a symbolic link to
+    somewhere else, and this runs with the cache's rights: so each folder below the import folder is
+    made and opened without following links (a link there raises OSError naming it, and the daemon
+    tries again later), and every write and rename is relative to the folder opened."""
     now = dt.datetime.now(dt.timezone.utc)
-    failed = import_dir / FAILED_DIR
     rel = path.relative_to(import_dir)
-    target = failed / rel
-    if _taken(target, companions):
-        target = failed / now.strftime("%Y%m%dT%H%M%S.%fZ") / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "file": rel.as_posix(),
-        "reason": reason,
-        "error": error,
-        "time": now.isoformat(timespec="seconds"),
-        **(details or {}),
-    }
-    error_file = target.parent / f"{target.name}.error.json"
-    temp = target.parent / f".{target.name}.error.json.tmp"
-    temp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(temp, error_file)
-    os.rename(path, target)
-    for companion in companions:
-        if companion.exists():
-            os.rename(companion, target.parent / companion.name)
-    return target
+    folder = _open_below(import_dir, (FAILED_DIR, *rel.parts[:-1]))
+    try:
+        names = (rel.name, *(c.name for c in companions))
+        if _taken(folder, names):
+            stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
+            inner = _open_below(import_dir, (FAILED_DIR, stamp, *rel.parts[:-1]))
+            os.close(folder)
+            folder, rel_target = inner, Path(FAILED_DIR, stamp, rel)
+        else:
+            rel_target = Path(FAILED_DIR, rel)
+        record = {
+            "file": rel.as_posix(),
+            "reason": reason,
+            "error": error,
+            "time": now.isoformat(timespec="seconds"),
+            **(details or {}),
+        }
+        temp = f".{rel.name}.error.json.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=folder)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record, indent=2) + "\n")
+        os.replace(temp, f"{rel.name}.error.json", src_dir_fd=folder, dst_dir_fd=folder)
+        os.rename(path, rel.name, dst_dir_fd=folder)
+        for companion in companions:
+            if companion.exists():
+                os.rename(companion, companion.name, dst_dir_fd=folder)
+    finally:
+        os.close(folder)
+    return import_dir / rel_target
 
 
-def _taken(target: Path, companions: tuple[Path, ...]) -> bool:
-    names = [target, target.parent / f"{target.name}.error.json", *(target.parent / c.name for c in companions)]
-    return any(os.path.lexists(p) for p in names)
+def _open_below(root: Path, parts: tuple[str, ...]) -> int:
+    """A descriptor of ``root/parts...``, each part made if missing and none of them a link."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i, part in enumerate(parts):
+            try:
+                os.mkdir(part, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                where = root.joinpath(*parts[:i + 1])
+                raise OSError(exc.errno, f"{where} is not a folder (a symbolic link is not followed)") from None
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _taken(folder: int, names: tuple[str, ...]) -> bool:
+    wanted = (*names, f"{names[0]}.error.json")
+    for name in wanted:
+        try:
+            os.stat(name, dir_fd=folder, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            pass
+    return False
 
 
 def list_failed(import_dir: Path, limit: int = 200) -> list[dict]:
