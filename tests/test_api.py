@@ -242,6 +242,28 @@ async def test_verify_quarantines_a_corrupted_blob_and_the_server_refuses_it(api
     assert audit["events"][0]["resource"] == str(artifact.digest)
 
 
+async def test_importing_the_good_bytes_again_restores_a_quarantined_artifact(api, server, http, admin, artifact,
+                                                                            store, make_file, make_artifact):
+    good = store.path_for(artifact.digest).read_bytes()
+    path = store.path_for(artifact.digest)
+    os.chmod(path, stat.S_IWUSR | stat.S_IRUSR)
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    _, body = await api("POST", f"/v1/artifacts/{artifact.digest}/verify")
+    assert body["artifact"]["state"] == "quarantined"
+
+    again = make_file(content=good)
+    result = await make_artifact(again, model="llama3", version="8b", vendor="meta")
+    assert result.digest == artifact.digest
+    status, body = await api("GET", f"/v1/artifacts/{artifact.digest}")
+    assert status == 200 and body["state"] == "promoted"
+    async with http.get(str(server.make_url(f"/v1/blobs/{artifact.digest}")), headers=bearer(admin)) as r:
+        assert r.status == 200 and await r.read() == good  # served again by the server, no restart
+    _, body = await api("POST", f"/v1/artifacts/{artifact.digest}/verify")
+    assert body["ok"] is True
+    _, audit = await api("GET", "/v1/audit?action=model_artifact.import")
+    assert audit["events"][0]["outcome"] == "restored"
+
+
 async def test_an_evicted_blob_is_not_served_once_the_evict_answered(api, server, http, artifact, make_token):
     reader = bearer(await make_token("reader"))
     url = str(server.make_url(f"/v1/blobs/{artifact.digest}"))

@@ -10,12 +10,13 @@ from .pool import Connection
 
 
 async def record_blob(conn: Connection, digest: Digest, size: int, xxh3: str) -> None:
-    """Index a committed blob; a blob seen before (even evicted) is present again."""
+    """Index a committed blob; a blob seen before, evicted or quarantined, is present again: the
+    store committed bytes that hashed to its digest (a quarantined blob's file had left ``blobs/``)."""
     await conn.execute(
         """
         INSERT INTO blobs (digest, size_bytes, xxh3_128) VALUES (%s, %s, %s)
         ON CONFLICT (digest) DO UPDATE SET state = 'present', verified_at = now()
-            WHERE blobs.state = 'evicted'
+            WHERE blobs.state IN ('evicted', 'quarantined')
         """,
         (str(digest), size, xxh3),
     )

@@ -86,7 +86,7 @@ async def _record(db: Database, req: ImportRequest, ingested: Ingested, subject:
                     f"{_label(existing)}; one content has one artifact"
                 )
             artifact, created, outcome = existing, False, "unchanged"
-            if existing["state"] == "evicted":  # its bytes are back: it is servable again
+            if existing["state"] in ("evicted", "quarantined"):  # good bytes are back: servable again
                 state = "promoted" if auto_promote else "staged"
                 await artifacts.set_artifact(conn, existing["id"], str(subject), state=state)
                 artifact, created, outcome = {**existing, "state": state}, True, "restored"
