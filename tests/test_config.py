@@ -1,5 +1,6 @@
 """Configuration: defaults < TOML < environment < flags, validated once, one clear line per bad value."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,17 @@ from modelcache.errors import ConfigError
 def test_defaults(tmp_path):
     s = config.load(env={})
     assert s.server.port == 12085
+
+
+def test_example_config_sources_load_once_uncommented(tmp_path):
+    """Each commented ``# [sources.<id>]`` example is a valid source, and together they show every kind."""
+    text = (Path(__file__).parent.parent / "config" / "modelcache.example.toml").read_text()
+    blocks = re.findall(r"^# (\[sources\.[^\n]*\n(?:# [^\n]*\n)*)", text, flags=re.M)
+    uncommented = "\n".join(re.sub(r"^# ", "", block, flags=re.M) for block in blocks)
+    path = tmp_path / "sources.toml"
+    path.write_text(uncommented)
+    s = config.load(path, env={})
+    assert {source.kind for source in s.sources.values()} == set(config.SOURCE_KINDS)
     assert s.server.trusted_networks == ()
     assert s.database.dsn == ""
     assert s.import_dir == s.data_dir / "import"
