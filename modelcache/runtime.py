@@ -79,6 +79,8 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True, fet
             await site.start()
             logger.info("serving on %s (listening on %s:%d)", settings.public_url, settings.server.host,
                         settings.server.port)
+        else:
+            logger.info("not serving; what this process stores is served by %s", settings.public_url)
         logger.info("data dir %s; import folder %s; database: %s", settings.data_dir, settings.import_dir,
                     database_label(settings))
         await _hint_first_token(db, settings)
@@ -128,9 +130,9 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True, fet
 
 
 async def _hint_first_token(db: Database, settings: Settings) -> None:
-    from .tokens import list_tokens
+    from .tokens import all_tokens
 
-    if not any(t["revoked_at"] is None for t in await list_tokens(db)):
+    if not any(t["revoked_at"] is None for t in await all_tokens(db)):
         where = "--dsn DSN" if settings.database.dsn else f"--data-dir {settings.data_dir}"
         logger.info("no API tokens yet; create the admin token with: modelcache token create --role admin "
                     "--name admin %s", where)
