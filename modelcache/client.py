@@ -21,6 +21,7 @@ from .errors import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:12085"
+_PAGE = 200  # the most a /v1 list answers at once
 
 _BY_STATUS: dict[int, type[ModelcacheError]] = {
     400: InvalidInput, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 422: InvalidInput,
@@ -40,6 +41,16 @@ class Client:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
         return self._send(method, path, query, data, headers)
+
+    def every(self, path: str, key: str, query: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A ``/v1`` list whole: its pages followed to the last, as one answer (``next_cursor`` null)."""
+        rows: list[Any] = []
+        cursor = None
+        while True:
+            body = self.call("GET", path, query={**(query or {}), "limit": _PAGE, "cursor": cursor})
+            rows += body[key]
+            if (cursor := body["next_cursor"]) is None:
+                return {key: rows, "next_cursor": None}
 
     def upload(self, path: Path, query: dict[str, Any], progress: Callable[[int], None]) -> Any:
         size = path.stat().st_size

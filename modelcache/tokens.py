@@ -70,6 +70,13 @@ async def revoke_token(db: Database, name: str, subject: Subject) -> dict:
     return row
 
 
-async def list_tokens(db: Database) -> list[dict]:
+async def list_tokens(db: Database, *, limit: int, cursor: str | None) -> tuple[list[dict], str | None]:
+    """One page of tokens, oldest first (revoked ones too: node re-registration leaves one each time)."""
     async with db.connection() as conn:
-        return await tokens.list_tokens(conn)
+        return await tokens.list_tokens(conn, limit=limit, cursor=cursor)
+
+
+async def all_tokens(db: Database) -> list[dict]:
+    """Every token, oldest first: the bootstrap CLI's listing and the first-token hint."""
+    async with db.connection() as conn:
+        return await tokens.all_tokens(conn)

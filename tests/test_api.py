@@ -93,6 +93,8 @@ async def test_no_token_is_401_and_audited(api):
     ("POST", "/v1/imports?model=m%0A&version=1", {"data": b"x"}, 422, "query parameter 'model'"),
     ("GET", "/v1/models?colour=red", {}, 422, "query parameter 'colour': unknown"),
     ("GET", "/v1/models?cursor=garbage", {}, 400, "invalid cursor"),
+    ("GET", "/v1/tokens?cursor=garbage", {}, 400, "invalid cursor"),
+    ("GET", "/v1/tokens?limit=201", {}, 422, "query parameter 'limit'"),
     ("GET", "/v1/artifacts/not-an-id", {}, 400, "invalid artifact reference"),
     ("GET", "/v1/artifacts/sha256:" + "0" * 64, {}, 404, "no artifact"),
     ("GET", "/v1/versions/123", {}, 404, "is not an id"),
@@ -211,6 +213,28 @@ async def test_tokens_mint_list_revoke_through_the_api(api, server, http, artifa
         assert r.status == 401
     status, body = await api("POST", "/v1/tokens", json={"name": "worker-1", "role": "node"})
     assert status == 409 and "name exists" in body["detail"]
+
+
+async def test_tokens_page_oldest_first_revoked_ones_too(api, db):
+    from modelcache.auth import Role, Subject
+    from modelcache.tokens import create_token
+
+    for i in range(6):
+        await create_token(db, name=f"t{i}", role=Role.READER, subject=Subject.local())
+    status, _ = await api("DELETE", "/v1/tokens/t2")
+    assert status == 200
+    seen, cursor, pages = [], None, 0
+    while True:
+        status, body = await api("GET", "/v1/tokens", params={"limit": "2", **({"cursor": cursor} if cursor else {})})
+        assert status == 200 and len(body["tokens"]) <= 2
+        seen += body["tokens"]
+        pages += 1
+        if (cursor := body["next_cursor"]) is None:
+            break
+    assert [t["name"] for t in seen] == ["root-admin", "t0", "t1", "t2", "t3", "t4", "t5"] and pages == 4
+    assert [t["name"] for t in seen if t["revoked_at"]] == ["t2"]
+    _, whole = await api("GET", "/v1/tokens")  # no limit: the first page of 50, here all of them
+    assert [t["name"] for t in whole["tokens"]] == [t["name"] for t in seen] and whole["next_cursor"] is None
 
 
 async def test_audit_paging_newest_first_and_time_filter(api, make_token):

@@ -63,3 +63,26 @@ async def test_verify_all_and_missing_token(env, make_file, make_artifact, store
     assert done.returncode == 0 and "1 blobs verified" in done.stdout
     no_token = await cli({"MODELCACHE_URL": env["MODELCACHE_URL"]}, "artifacts")
     assert no_token.returncode == 2 and "MODELCACHE_TOKEN" in no_token.stderr
+
+
+async def test_tokens_lists_every_token_across_pages(env, db, dsn):
+    """More tokens than the API answers at once (200): `modelcache tokens` follows next_cursor to the end,
+    and `modelcache token list` on the cache host lists them all too."""
+    from modelcache.auth import Role, Subject
+    from modelcache.tokens import create_token
+
+    names = [f"bulk-{i:03}" for i in range(205)]
+    for name in names:
+        await create_token(db, name=name, role=Role.READER, subject=Subject.local())
+    done = await cli(env, "tokens", "--json")
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    listed = [t["name"] for t in body["tokens"]]
+    assert listed[1:] == names and len(listed) == 206 and body["next_cursor"] is None
+    done = await cli(env, "tokens")
+    header, *rows = done.stdout.splitlines()
+    assert header.split() == ["NAME", "ROLE", "NODE", "EXPIRES", "REVOKED"] and len(rows) == 206
+    assert rows[-1].split()[:2] == ["bulk-204", "reader"]
+    done = await asyncio.to_thread(run_cli, "token", "list", "--dsn", dsn)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 1 + 206 and "bulk-204" in done.stdout.splitlines()[-1]

@@ -438,3 +438,93 @@ async def test_every_nodes_availability_and_load_requests_are_listed_for_readers
     assert [x["id"] for x in rest["loads"]] == [first["id"]]
     status, _ = await api("GET", "/v1/loads", token=a["config"]["token"])
     assert status == 403  # a node sees its own requests only (GET /v1/nodes/{id}/loads)
+
+
+async def walk(api, path, limit=2, between=None):
+    """Every row of a /v1 list, ``limit`` at a time, following next_cursor; ``between`` runs after each page.
+    Returns (rows, pages)."""
+    key = "placements" if path.endswith("placements") else "availability"
+    rows, cursor, pages = [], None, 0
+    while True:
+        status, body = await api("GET", path, params={"limit": str(limit), **({"cursor": cursor} if cursor else {})})
+        assert status == 200, body
+        assert len(body[key]) <= limit
+        rows += body[key]
+        pages += 1
+        if (cursor := body["next_cursor"]) is None:
+            return rows, pages
+        if between is not None:
+            await between()
+
+
+async def test_availability_lists_page_in_an_order_that_new_reports_do_not_move(cache, gguf_version):
+    api = await cache()
+    versions = [await version_of(api, await gguf_version(model=f"m{i}")) for i in range(3)]
+    nodes = [(await register(api, f"n{i}"))["node"]["id"] for i in range(4)]
+
+    async def report_all(status):
+        for node_id in nodes:
+            for version_id in versions:
+                got, body = await api("POST", f"/v1/nodes/{node_id}/availability",
+                                      json={"model_version_id": version_id, "status": status})
+                assert got == 200, body
+
+    await report_all("loading")
+    # every report is renewed after each page (last_checked_at moves): the walk still sees each row once
+    rows, pages = await walk(api, "/v1/availability", between=lambda: report_all("available"))
+    pairs = [(r["node_id"], r["model_version_id"]) for r in rows]
+    assert len(pairs) == 12 == len(set(pairs)) and pages == 6
+    assert set(pairs) == {(n, v) for n in nodes for v in versions}
+    assert [n for n, _ in pairs] == [n for n in nodes for _ in versions]  # by node, oldest registered first
+    _, whole = await api("GET", "/v1/availability")  # no limit: the first page of 50, here all of it
+    assert [(r["node_id"], r["model_version_id"]) for r in whole["availability"]] == pairs
+    assert whole["next_cursor"] is None and {r["status"] for r in whole["availability"]} == {"available"}
+
+    of_node, pages = await walk(api, f"/v1/nodes/{nodes[1]}/availability")
+    assert sorted(r["model_version_id"] for r in of_node) == sorted(versions) and pages == 2
+    assert {r["node_id"] for r in of_node} == {nodes[1]}
+    of_version, pages = await walk(api, f"/v1/versions/{versions[2]}/nodes")
+    assert [r["node_id"] for r in of_version] == nodes and pages == 2
+    assert {r["model_version_id"] for r in of_version} == {versions[2]}
+
+    for path in ("/v1/availability", f"/v1/nodes/{nodes[0]}/availability", f"/v1/versions/{versions[0]}/nodes"):
+        status, problem = await api("GET", path, params={"cursor": "not-a-cursor"})
+        assert status == 400 and problem["status"] == 400 and "invalid cursor" in problem["detail"], path
+        status, problem = await api("GET", path, params={"limit": "0"})
+        assert status == 422 and "query parameter 'limit'" in problem["detail"], path
+
+
+async def test_placements_page_oldest_first_and_the_cli_lists_them_all(cache, gguf_version, db):
+    import json
+
+    from conftest import run_cli
+    from modelcache.db import nodes as rows
+
+    api = await cache()
+    version_id = await version_of(api, await gguf_version())
+    await register(api, "g1", {"pool": "p0"})
+    made = []
+    for i in range(5):
+        status, body = await api("POST", "/v1/placements", json={"selector": {"pool": f"p{i}"},
+                                                                 "model_version_ids": [version_id]})
+        assert status == 201, body
+        made.append(body["id"])
+    listed, pages = await walk(api, "/v1/placements")
+    assert [p["id"] for p in listed] == made and pages == 3
+    assert [p["nodes_matching"] for p in listed] == [1, 0, 0, 0, 0]  # counted on every page
+    status, problem = await api("GET", "/v1/placements", params={"cursor": "bm90IGEgY3Vyc29y"})
+    assert status == 400 and "invalid cursor" in problem["detail"]
+
+    # more than the API answers at once (200): the CLI follows next_cursor to the end
+    async with db.transaction() as conn:
+        for i in range(200):
+            made.append(str((await rows.insert_placement(conn, {"pool": f"bulk-{i}"}, [uuid.UUID(version_id)],
+                                                          None, "test"))["id"]))
+    env = {"MODELCACHE_URL": api.url, "MODELCACHE_TOKEN": api.admin}
+    done = await asyncio.to_thread(run_cli, "placements", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    ids = [p["id"] for p in body["placements"]]
+    # one transaction: the 200 share a created_at, and their ids order them among themselves
+    assert ids[:5] == made[:5] and len(ids) == 205 == len(set(ids)) and set(ids) == set(made)
+    assert body["next_cursor"] is None

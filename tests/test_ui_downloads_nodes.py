@@ -216,3 +216,33 @@ async def test_the_nodes_page_shows_reports_stale_and_failed_nodes_and_load_requ
     status, text, _ = await b.get("/ui/nodes")
     assert re.search(rf'id="node-{gpu1[0]}" class="node node-stale"', text)
     assert re.search(rf'id="node-{gpu2[0]}" class="node node-ready node-failed"', text)
+
+
+async def test_the_nodes_grid_follows_the_availability_pages_to_the_end(
+        node_cache, http, make_token, make_file, make_artifact, monkeypatch):
+    from modelcache.server.ui import nodes as ui_nodes
+    monkeypatch.setattr(ui_nodes, "MAX_LIMIT", 1)  # a page per report
+    server = await node_cache()
+    admin = await make_token("admin", "ada")
+
+    async def api(method, path, **kw):
+        async with http.request(method, server.make_url(path), headers=bearer(admin), **kw) as r:
+            return r.status, await r.json()
+
+    versions = []
+    for model in ("llama3", "qwen"):
+        made = await make_artifact(make_file(gguf=True, size=4096), model=model, version="1")
+        versions.append((await api("GET", f"/v1/artifacts/{made.artifact_id}"))[1]["model_version_id"])
+    nodes = [(await api("POST", "/v1/nodes", json={"name": name}))[1]["node"]["id"] for name in ("n1", "n2")]
+    for node_id in nodes:
+        for version_id in versions:
+            status, _ = await api("POST", f"/v1/nodes/{node_id}/availability",
+                                  json={"model_version_id": version_id, "status": "available"})
+            assert status == 200
+    b = browser_for(server, http)
+    await b.sign_in(admin)
+    status, text, _ = await b.get("/ui/nodes")
+    assert status == 200
+    for node_id in nodes:
+        for version_id in versions:
+            assert re.search(rf'id="cell-{node_id}-{version_id}" data-status="available"', text)

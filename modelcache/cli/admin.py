@@ -174,6 +174,15 @@ def prefs_set(client, key: str, value: str, expected_version: int | None, reason
 
 @main.command()
 @_api_options
+def tokens(client):
+    """List every token, revoked ones too, oldest first (never their secrets)."""
+    body = client.every("/v1/tokens", "tokens")
+    return body, _table(body["tokens"], [("NAME", "name"), ("ROLE", "role"), ("NODE", "node_id"),
+                                         ("EXPIRES", "expires_at"), ("REVOKED", "revoked_at")])
+
+
+@main.command()
+@_api_options
 @click.option("--action", default=None)
 @click.option("--subject", default=None)
 @click.option("--resource", default=None)

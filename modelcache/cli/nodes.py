@@ -170,7 +170,7 @@ def load(client, node_id: str, version_id: str):
 @_api_options
 def placements(client):
     """List placements, with how many matching nodes are ready."""
-    body = client.call("GET", "/v1/placements")
+    body = client.every("/v1/placements", "placements")
     for p in body["placements"]:
         p["selector_shown"] = _shown(p["selector"])
         p["versions_shown"] = ",".join(p["resolved_version_ids"]) or "-"

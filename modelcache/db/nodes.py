@@ -95,7 +95,8 @@ async def node_token_names(conn: Connection, node_id: uuid.UUID) -> list[str]:
 # -- availability -------------------------------------------------------------------
 
 _AVAILABILITY_SELECT = """
-    SELECT a.*, v.version, m.name AS model_name, m.vendor AS model_vendor, n.name AS node_name
+    SELECT a.*, v.version, m.name AS model_name, m.vendor AS model_vendor, n.name AS node_name,
+           n.created_at AS node_created_at
       FROM node_model_availability a
       JOIN model_versions v ON v.id = a.model_version_id
       JOIN models m ON m.id = v.model_id
@@ -130,6 +131,19 @@ async def availability(conn: Connection, *, node_id: uuid.UUID | None = None,
         params.append(version_ids)
     query = _AVAILABILITY_SELECT + (" WHERE " + " AND ".join(where) if where else "")
     return await all_rows(conn, query + " ORDER BY a.last_checked_at DESC, a.id", params)
+
+
+# A report's node was registered once and keeps its created_at; the report keeps its id however often it
+# is updated: together an order that never changes, so a walk through the pages sees every row once
+# (last_checked_at moves with each report).
+_AVAILABILITY_PAGE = "SELECT * FROM (" + _AVAILABILITY_SELECT + ") x"
+
+
+async def list_availability(conn: Connection, *, node_id: uuid.UUID | None, version_id: uuid.UUID | None,
+                            limit: int, cursor: str | None) -> tuple[list[dict], str | None]:
+    """One page of reports (of one node, or of one version, or all), by node (oldest registered first)."""
+    where, params = equal({"x.node_id": node_id, "x.model_version_id": version_id})
+    return await page(conn, _AVAILABILITY_PAGE, where, params, "x", limit, cursor, at="node_created_at")
 
 
 async def expire_loading(conn: Connection, silent_for: float) -> list[dict]:
@@ -259,8 +273,13 @@ async def insert_placement(conn: Connection, selector: dict, version_ids: list[u
         RETURNING *""", (Jsonb(selector), version_ids, Jsonb(requirements) if requirements is not None else None, by))
 
 
-async def list_placements(conn: Connection) -> list[dict]:
-    return await all_rows(conn, "SELECT * FROM placements ORDER BY created_at, id")
+async def list_placements(conn: Connection, *, limit: int, cursor: str | None) -> tuple[list[dict], str | None]:
+    """One page of placements, oldest first."""
+    return await page(conn, "SELECT p.* FROM placements p", [], [], "p", limit, cursor)
+
+
+async def get_placement(conn: Connection, placement_id: uuid.UUID) -> dict | None:
+    return await one(conn, "SELECT * FROM placements WHERE id = %s", (placement_id,))
 
 
 async def delete_placement(conn: Connection, placement_id: uuid.UUID) -> dict | None:

@@ -39,21 +39,26 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
 
 
 async def page(conn: Connection, select: str, where: list[sql.Composable], params: list[Any], alias: str,
-         limit: int, cursor: str | None, newest_first: bool = False) -> tuple[list[dict], str | None]:
-    """One page of ``select`` in (created_at, id) order of the table aliased ``alias``, and the next cursor."""
-    table = sql.Identifier(alias)
+         limit: int, cursor: str | None, newest_first: bool = False,
+         at: str = "created_at") -> tuple[list[dict], str | None]:
+    """One page of ``select`` in (``at``, id) order of the table aliased ``alias``, and the next cursor.
+
+    ``at`` is a timestamp column of ``alias`` that never changes once the row exists (else a row moved
+    mid-walk would be seen twice or not at all); ``id``, the primary key, breaks ties.
+    """
+    table, column = sql.Identifier(alias), sql.Identifier(at)
     if cursor:
-        at, row_id = decode_cursor(cursor)
-        after = "({t}.created_at, {t}.id) < (%s, %s)" if newest_first else "({t}.created_at, {t}.id) > (%s, %s)"
-        where.append(sql.SQL(after).format(t=table))
-        params += [at, row_id]
-    order = (" ORDER BY {t}.created_at DESC, {t}.id DESC LIMIT %s" if newest_first
-             else " ORDER BY {t}.created_at, {t}.id LIMIT %s")
+        stamp, row_id = decode_cursor(cursor)
+        after = "({t}.{c}, {t}.id) < (%s, %s)" if newest_first else "({t}.{c}, {t}.id) > (%s, %s)"
+        where.append(sql.SQL(after).format(t=table, c=column))
+        params += [stamp, row_id]
+    order = (" ORDER BY {t}.{c} DESC, {t}.id DESC LIMIT %s" if newest_first
+             else " ORDER BY {t}.{c}, {t}.id LIMIT %s")
     query = sql.SQL(select) + (sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""))
-    query += sql.SQL(order).format(t=table)
+    query += sql.SQL(order).format(t=table, c=column)
     cur = await conn.execute(query, [*params, limit + 1])
     rows = await cur.fetchall()
-    next_cursor = encode_cursor(rows[limit - 1]["created_at"], rows[limit - 1]["id"]) if len(rows) > limit else None
+    next_cursor = encode_cursor(rows[limit - 1][at], rows[limit - 1]["id"]) if len(rows) > limit else None
     return rows[:limit], next_cursor
 
 

@@ -6,7 +6,9 @@ import datetime as dt
 import uuid
 
 from .pool import Connection
-from .rows import all_rows, one
+from .rows import all_rows, one, page
+
+_COLUMNS = "id, name, role, node_id, created_at, created_by, expires_at, revoked_at"
 
 
 async def insert_token(
@@ -35,20 +37,20 @@ async def revoke_token(conn: Connection, name: str) -> dict | None:
         conn,
         """
         UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE name = %s
-        RETURNING id, name, role, revoked_at
+        RETURNING id, name, role, node_id, created_at, created_by, expires_at, revoked_at
         """,
         (name,),
     )
 
 
-async def list_tokens(conn: Connection) -> list[dict]:
-    return await all_rows(
-        conn,
-        """
-        SELECT id, name, role, node_id, created_at, created_by, expires_at, revoked_at
-          FROM api_tokens ORDER BY created_at, name
-        """,
-    )
+async def list_tokens(conn: Connection, *, limit: int, cursor: str | None) -> tuple[list[dict], str | None]:
+    """One page of tokens, revoked ones included, oldest first; and the next cursor."""
+    return await page(conn, "SELECT " + _COLUMNS + " FROM api_tokens t", [], [], "t", limit, cursor)
+
+
+async def all_tokens(conn: Connection) -> list[dict]:
+    """Every token, revoked ones included, oldest first (the bootstrap CLI on the cache host)."""
+    return await all_rows(conn, "SELECT " + _COLUMNS + " FROM api_tokens ORDER BY created_at, id")
 
 
 async def live_tokens(conn: Connection) -> list[dict]:

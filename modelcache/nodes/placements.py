@@ -91,21 +91,33 @@ async def reconcile_node(db: Database, settings: Settings, node_id: uuid.UUID, s
     return made
 
 
-async def list_with_counts(db: Database, settings: Settings) -> list[dict]:
-    """Every placement, with the versions it stands for now and how many matching nodes are ready."""
-    out = []
-    at = now()
+async def list_with_counts(db: Database, settings: Settings, *, limit: int,
+                           cursor: str | None) -> tuple[list[dict], str | None]:
+    """One page of placements, oldest first, each with the versions it stands for now and how many matching
+    nodes are ready; and the next cursor."""
     async with db.connection() as conn:
-        for placement in await rows.list_placements(conn):
-            version_ids = await resolve(conn, placement)
-            nodes = await rows.matching_nodes(conn, placement["selector"])
-            held = await rows.availability(conn, version_ids=version_ids) if version_ids else []
-            available = {(a["node_id"], a["model_version_id"]) for a in held if a["status"] == "available"}
-            ready = [n for n in nodes if version_ids and all((n["id"], v) in available for v in version_ids)]
-            out.append({**placement, "resolved_version_ids": version_ids, "nodes_matching": len(nodes),
-                        "nodes_ready": len(ready),
-                        "nodes_stale": sum(fit.is_stale(n, settings.nodes.heartbeat_timeout, at) for n in nodes)})
-    return out
+        page, next_cursor = await rows.list_placements(conn, limit=limit, cursor=cursor)
+        return [await _counted(conn, settings, p) for p in page], next_cursor
+
+
+async def with_counts(db: Database, settings: Settings, placement_id: uuid.UUID) -> dict:
+    """One placement, counted as :func:`list_with_counts` counts it."""
+    async with db.connection() as conn:
+        placement = await rows.get_placement(conn, placement_id)
+        if placement is None:
+            raise NotFound(f"no placement {placement_id}")
+        return await _counted(conn, settings, placement)
+
+
+async def _counted(conn, settings: Settings, placement: dict) -> dict:
+    version_ids = await resolve(conn, placement)
+    nodes = await rows.matching_nodes(conn, placement["selector"])
+    held = await rows.availability(conn, version_ids=version_ids) if version_ids else []
+    available = {(a["node_id"], a["model_version_id"]) for a in held if a["status"] == "available"}
+    ready = [n for n in nodes if version_ids and all((n["id"], v) in available for v in version_ids)]
+    return {**placement, "resolved_version_ids": version_ids, "nodes_matching": len(nodes),
+            "nodes_ready": len(ready),
+            "nodes_stale": sum(fit.is_stale(n, settings.nodes.heartbeat_timeout, now()) for n in nodes)}
 
 
 async def delete(db: Database, placement_id: uuid.UUID, subject: Subject) -> dict:

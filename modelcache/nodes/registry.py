@@ -176,6 +176,18 @@ async def availability(db: Database, *, node_id: uuid.UUID | None = None,
                                        version_ids=[version_id] if version_id is not None else None)
 
 
+async def list_availability(db: Database, *, node_id: uuid.UUID | None = None, version_id: uuid.UUID | None = None,
+                            limit: int, cursor: str | None) -> tuple[list[dict], str | None]:
+    """One page of what nodes hold (of one node, of one version, or all), and the next cursor."""
+    async with db.connection() as conn:
+        if node_id is not None and await rows.get_node(conn, node_id) is None:
+            raise NotFound(f"no node {node_id}")
+        if version_id is not None and await models.get_version(conn, version_id) is None:
+            raise NotFound(f"no model version {version_id}")
+        return await rows.list_availability(conn, node_id=node_id, version_id=version_id, limit=limit,
+                                            cursor=cursor)
+
+
 # -- load requests ----------------------------------------------------------------
 
 

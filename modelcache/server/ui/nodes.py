@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ..v1 import nodes as v1
+from ..v1.types import MAX_LIMIT
 from .pages import Ui, page
 
 NODES_SHOWN = 200
@@ -44,9 +45,21 @@ def _label(vendor: str | None, model: str, version: str) -> str:
     return f"{vendor + '/' if vendor else ''}{model}:{version}"
 
 
+async def _all_availability(ui: Ui) -> list[Any]:
+    """Every report, page after page: a column is a version any node reported on, so the grid needs all."""
+    held: list[Any] = []
+    cursor = None
+    while True:
+        query = {"limit": str(MAX_LIMIT)} | ({"cursor": cursor} if cursor else {})
+        got = await ui.invoke(v1.all_availability, query=query)
+        held += got.availability
+        if (cursor := got.next_cursor) is None:
+            return held
+
+
 async def _grid(ui: Ui) -> dict[str, Any]:
     nodes = await ui.invoke(v1.list_nodes, query={"limit": str(NODES_SHOWN)})
-    held = (await ui.invoke(v1.all_availability)).availability
+    held = await _all_availability(ui)
     loads = await ui.invoke(v1.list_all_loads, query={"limit": str(LOADS_SHOWN)})
     rows = {n.id: Row(n) for n in nodes.nodes}
     columns: dict[uuid.UUID, Column] = {}

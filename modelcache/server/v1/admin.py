@@ -84,8 +84,9 @@ class TokenCreated(TokenOut):
     token: str = Field(description="the secret; shown once, only its sha256 is stored")
 
 
-class TokenList(BaseModel):
+class TokenPage(BaseModel):
     tokens: list[TokenOut]
+    next_cursor: str | None
 
 
 @endpoint("POST", "/v1/tokens", summary="Mint a token", roles=ADMINS, action="api_token.create",
@@ -99,19 +100,20 @@ async def create_token(call: Call) -> TokenCreated:
     return TokenCreated(token=secret, **row)
 
 
-@endpoint("GET", "/v1/tokens", summary="List tokens (never their secrets)", roles=ADMINS, action="api_token.list",
-          response=TokenList, tag="admin")
-async def list_tokens(call: Call) -> TokenList:
-    return TokenList(tokens=[TokenOut(**r) for r in await tokens.list_tokens(call.db)])
+@endpoint("GET", "/v1/tokens", summary="List tokens, revoked ones too, oldest first (never their secrets)",
+          roles=ADMINS, action="api_token.list", query=Paging, response=TokenPage, tag="admin")
+async def list_tokens(call: Call) -> TokenPage:
+    q: Paging = call.query
+    rows, cursor = await tokens.list_tokens(call.db, limit=q.limit, cursor=q.cursor)
+    return TokenPage(tokens=[TokenOut(**r) for r in rows], next_cursor=cursor)
 
 
 @endpoint("DELETE", "/v1/tokens/{name}", summary="Revoke a token", roles=ADMINS, action="api_token.revoke",
           response=TokenOut, tag="admin")
 async def revoke_token(call: Call) -> TokenOut:
-    await tokens.revoke_token(call.db, call.param("name"), call.subject)
+    row = await tokens.revoke_token(call.db, call.param("name"), call.subject)
     await call.request.app[CATALOG].tokens_changed()  # refused by this server as we answer
-    rows = [r for r in await tokens.list_tokens(call.db) if r["name"] == call.param("name")]
-    return TokenOut(**rows[0])
+    return TokenOut(**row)
 
 
 # -- audit --------------------------------------------------------------------

@@ -118,8 +118,9 @@ class AvailabilityOut(BaseModel):
     details: dict[str, Any] | None
 
 
-class AvailabilityList(BaseModel):
+class AvailabilityPage(BaseModel):
     availability: list[AvailabilityOut]
+    next_cursor: str | None
 
 
 class NodeDetail(NodeOut):
@@ -251,8 +252,9 @@ class PlacementCreated(PlacementOut):
     load_requests: list[LoadOut]
 
 
-class PlacementList(BaseModel):
+class PlacementPage(BaseModel):
     placements: list[PlacementOut]
+    next_cursor: str | None
 
 
 # -- shaping answers ------------------------------------------------------------------
@@ -380,25 +382,30 @@ async def report_availability(call: Call) -> AvailabilityOut:
     return availability_out(row)
 
 
+async def _availability_page(call: Call, **of: uuid.UUID) -> AvailabilityPage:
+    q: Paging = call.query
+    held, cursor = await registry.list_availability(call.db, limit=q.limit, cursor=q.cursor, **of)
+    return AvailabilityPage(availability=[availability_out(a) for a in held], next_cursor=cursor)
+
+
 @endpoint("GET", "/v1/nodes/{node_id}/availability", summary="What a node holds, by model version",
-          roles=READERS | {Role.NODE}, action="node_availability.list", response=AvailabilityList, tag="nodes")
-async def node_availability(call: Call) -> AvailabilityList:
-    node_id = await _node_id(call, "node_availability.list")
-    held = await registry.availability(call.db, node_id=node_id)
-    return AvailabilityList(availability=[availability_out(a) for a in held])
+          roles=READERS | {Role.NODE}, action="node_availability.list", query=Paging, response=AvailabilityPage,
+          tag="nodes")
+async def node_availability(call: Call) -> AvailabilityPage:
+    return await _availability_page(call, node_id=await _node_id(call, "node_availability.list"))
 
 
 @endpoint("GET", "/v1/versions/{version_id}/nodes", summary="Which nodes hold a model version, and how",
-          roles=READERS, action="node_availability.list", response=AvailabilityList, tag="nodes")
-async def version_availability(call: Call) -> AvailabilityList:
-    held = await registry.availability(call.db, version_id=_uuid(call, "version_id"))
-    return AvailabilityList(availability=[availability_out(a) for a in held])
+          roles=READERS, action="node_availability.list", query=Paging, response=AvailabilityPage, tag="nodes")
+async def version_availability(call: Call) -> AvailabilityPage:
+    return await _availability_page(call, version_id=_uuid(call, "version_id"))
 
 
 @endpoint("GET", "/v1/availability", summary="What every node holds, by model version (the nodes x versions "
-          "grid)", roles=READERS, action="node_availability.list", response=AvailabilityList, tag="nodes")
-async def all_availability(call: Call) -> AvailabilityList:
-    return AvailabilityList(availability=[availability_out(a) for a in await registry.availability(call.db)])
+          "grid), by node in the order they registered", roles=READERS, action="node_availability.list",
+          query=Paging, response=AvailabilityPage, tag="nodes")
+async def all_availability(call: Call) -> AvailabilityPage:
+    return await _availability_page(call)
 
 
 # -- load requests ----------------------------------------------------------------------
@@ -495,15 +502,17 @@ async def create_placement(call: Call) -> PlacementCreated:
         call.db, settings, b.selector, list(dict.fromkeys(b.model_version_ids or [])),
         b.requirements.capabilities() if b.requirements is not None else None, call.subject)
     _ring(call, made)
-    counted = next(p for p in await placements.list_with_counts(call.db, settings) if p["id"] == placement["id"])
+    counted = await placements.with_counts(call.db, settings, placement["id"])
     return placement_out(counted, PlacementCreated, load_requests=[load_out(m) for m in made])
 
 
-@endpoint("GET", "/v1/placements", summary="Placements, with how many matching nodes are ready", roles=READERS,
-          action="placement.list", response=PlacementList, tag="nodes")
-async def list_placements(call: Call) -> PlacementList:
-    rows = await placements.list_with_counts(call.db, call.request.app[SETTINGS])
-    return PlacementList(placements=[placement_out(r) for r in rows])
+@endpoint("GET", "/v1/placements", summary="Placements, oldest first, with how many matching nodes are ready",
+          roles=READERS, action="placement.list", query=Paging, response=PlacementPage, tag="nodes")
+async def list_placements(call: Call) -> PlacementPage:
+    q: Paging = call.query
+    rows, cursor = await placements.list_with_counts(call.db, call.request.app[SETTINGS], limit=q.limit,
+                                                     cursor=q.cursor)
+    return PlacementPage(placements=[placement_out(r) for r in rows], next_cursor=cursor)
 
 
 @endpoint("DELETE", "/v1/placements/{placement_id}", summary="Forget a placement (its load requests stay)",
