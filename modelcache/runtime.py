@@ -79,6 +79,8 @@ async def run(settings: Settings, *, serve: bool = True, watch: bool = True, fet
             await site.start()
             logger.info("serving on %s (listening on %s:%d)", settings.public_url, settings.server.host,
                         settings.server.port)
+        else:
+            logger.info("not serving; what this process stores is served by %s", settings.public_url)
         logger.info("data dir %s; import folder %s; database: %s", settings.data_dir, settings.import_dir,
                     database_label(settings))
         await _hint_first_token(db, settings)

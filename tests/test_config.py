@@ -81,6 +81,14 @@ def test_cli_stops_on_a_bad_value_with_one_line_and_exit_2(tmp_path):
         "modelcache: error: server.port = 'eighty' (from command line): expected an integer from 0 to 65535"]
 
 
+def test_every_process_takes_host_and_port_and_host_verbs_do_not(tmp_path):
+    for process in ("run", "serve", "syncd", "fetchd"):
+        done = run_cli(process, "--port", "eighty", "--data-dir", str(tmp_path))
+        assert done.returncode == 2 and "server.port = 'eighty' (from command line)" in done.stderr, process
+    done = run_cli("import", str(tmp_path), "--model", "m", "--version", "1", "--port", "1")
+    assert done.returncode == 2 and "No such option '--port'" in done.stderr
+
+
 def test_example_config_documents_every_key_and_loads():
     example = Path(__file__).parent.parent / "config" / "modelcache.example.toml"
     s = config.load(example, env={})

@@ -29,7 +29,8 @@ class Daemon:
         self.log = log
         self._out = open(log, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modelcache", "syncd", "--dsn", dsn, "--data-dir", str(data_dir)],
+            [sys.executable, "-m", "modelcache", "syncd", "--dsn", dsn, "--data-dir", str(data_dir),
+             "--host", "cache.example.org", "--port", "18085"],  # DESIGN: syncd takes them, as run and serve do
             stdout=self._out, stderr=subprocess.STDOUT, env=env)
 
     def wait_for_log(self, text: str, timeout: float = 30) -> None:
@@ -115,6 +116,7 @@ def test_sigkill_mid_hash_leaves_no_partial_blob_and_the_file_is_imported_once_a
         assert time.monotonic() < deadline, f"not imported after the restart:\n{second.log.read_text()}"
         time.sleep(0.05)
     second.wait_for_log("imported ")
+    assert "not serving; what this process stores is served by http://cache.example.org:18085" in second.log.read_text()
     assert artifact_rows(dsn) == [(hexdigest, size)]
     assert import_outcomes(dsn) == ["created"]
     blob = blobs_dir / "sha256" / hexdigest[:2] / hexdigest

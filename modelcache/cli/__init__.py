@@ -38,8 +38,10 @@ class _Group(click.Group):
             sys.exit(1)
 
 
-def _host_options(with_listen: bool) -> Callable:
-    """--config, --data-dir, --dsn (and --host, --port for the server) -> a ``settings`` argument."""
+def _host_options(host_port: str | None = None) -> Callable:
+    """--config, --data-dir, --dsn -> a ``settings`` argument; with ``host_port`` also --host and --port
+    (DESIGN's stable surface for run, serve and syncd): ``"listen"`` where the process listens,
+    ``"url"`` where it does not and uses them only for the server URL it logs."""
 
     def decorate(fn: Callable) -> Callable:
         @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
@@ -55,9 +57,10 @@ def _host_options(with_listen: bool) -> Callable:
             logs.configure(settings.log)
             return fn(settings=settings, **kwargs)
 
-        if with_listen:
-            wrapper = click.option("--port", default=None, help="Port to listen on (server.port).")(wrapper)
-            wrapper = click.option("--host", default=None, help="Address to listen on (server.host).")(wrapper)
+        if host_port is not None:
+            where = "to listen on" if host_port == "listen" else "of the server that serves what this process stores"
+            wrapper = click.option("--port", default=None, help=f"Port {where} (server.port).")(wrapper)
+            wrapper = click.option("--host", default=None, help=f"Address {where} (server.host).")(wrapper)
         return wrapper
 
     return decorate

@@ -21,7 +21,7 @@ def db() -> None:
 
 
 @db.command("migrate")
-@_host_options(with_listen=False)
+@_host_options()
 def db_migrate(settings: Settings) -> None:
     """Bring the database schema up to date."""
     from ..db import audit
@@ -44,7 +44,7 @@ def db_migrate(settings: Settings) -> None:
 
 
 @db.command("status")
-@_host_options(with_listen=False)
+@_host_options()
 def db_status(settings: Settings) -> None:
     """Show the schema version of the database and of this modelcache."""
     from ..db.migrate import status
@@ -62,7 +62,7 @@ def token() -> None:
 
 
 @token.command("create")
-@_host_options(with_listen=False)
+@_host_options()
 @click.option("--role", required=True, type=click.Choice([r.value for r in Role]))
 @click.option("--name", required=True, help="A unique name, shown in logs and the audit log.")
 @click.option("--node-id", default=None, help="The node's UUID, for node tokens.")
@@ -81,7 +81,7 @@ def token_create(settings: Settings, role: str, name: str, node_id: str | None, 
 
 
 @token.command("list")
-@_host_options(with_listen=False)
+@_host_options()
 def token_list(settings: Settings) -> None:
     """List tokens (never their secrets)."""
     from ..tokens import all_tokens
@@ -95,7 +95,7 @@ def token_list(settings: Settings) -> None:
 
 
 @token.command("revoke")
-@_host_options(with_listen=False)
+@_host_options()
 @click.argument("name")
 def token_revoke(settings: Settings, name: str) -> None:
     """Revoke a token by name; a running server stops accepting it within seconds."""
@@ -109,7 +109,7 @@ def token_revoke(settings: Settings, name: str) -> None:
 
 
 @main.command("import")
-@_host_options(with_listen=False)
+@_host_options()
 @click.argument("path")
 @click.option("--model", default=None, help="Logical model name, e.g. llama3.")
 @click.option("--version", "version", default=None, help="Version or tag, e.g. 8b-q4_0.")

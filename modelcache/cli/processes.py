@@ -11,7 +11,7 @@ from . import _host_options, main
 
 
 @main.command()
-@_host_options(with_listen=True)
+@_host_options("listen")
 def run(settings: Settings) -> None:
     """Run the server, the import daemon and the downloads in one process (embedded PostgreSQL when no dsn)."""
     from ..runtime import run as run_process
@@ -20,7 +20,7 @@ def run(settings: Settings) -> None:
 
 
 @main.command()
-@_host_options(with_listen=True)
+@_host_options("listen")
 def serve(settings: Settings) -> None:
     """Run the HTTP server only."""
     from ..runtime import run as run_process
@@ -29,7 +29,7 @@ def serve(settings: Settings) -> None:
 
 
 @main.command()
-@_host_options(with_listen=False)
+@_host_options("url")
 def syncd(settings: Settings) -> None:
     """Run the import-folder daemon only."""
     from ..runtime import run as run_process
@@ -38,7 +38,7 @@ def syncd(settings: Settings) -> None:
 
 
 @main.command()
-@_host_options(with_listen=False)
+@_host_options("url")
 def fetchd(settings: Settings) -> None:
     """Run the downloads only (for sites that want upstream traffic in a process of its own)."""
     from ..runtime import run as run_process
