@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from test_embedded import free_port, wait_ready
 from test_hf_api import snapshot_files, write_snapshot
 
@@ -165,6 +166,31 @@ async def test_the_hf_download_command_with_a_token_from_the_environment(cache, 
         env={**env, "HF_TOKEN": "mc_revoked-or-wrong"}, capture_output=True, text=True, timeout=120)
     assert denied.returncode != 0
     assert "unknown or revoked token" in denied.stdout + denied.stderr
+
+
+async def test_the_environment_a_node_registration_writes_points_hf_download_at_the_cache(cache, tmp_path,
+                                                                                      make_token):
+    """``node-register --env-out``: the file, and nothing else, sends ``hf download`` to the cache."""
+    server, _, imported = cache
+    env_file = tmp_path / "runtime.env"
+    cli_env = {"MODELCACHE_URL": f"http://127.0.0.1:{server.port}", "MODELCACHE_TOKEN": await make_token("admin")}
+    done = await asyncio.to_thread(run_cli, "node-register", "worker-1", "--runtime", "hf", "--env-out",
+                                   str(env_file), env=cli_env)
+    assert done.returncode == 0, done.stderr
+    assert env_file.stat().st_mode & 0o077 == 0  # it holds the node's token
+    written = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if not line.startswith("#"))
+    assert written["HF_ENDPOINT"] == server.endpoint and written["HF_TOKEN"].startswith("mc_")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(written, HF_HOME=str(tmp_path / "hf-home"), NO_PROXY="127.0.0.1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    target = tmp_path / "tiny-1"
+    await run([str(Path(sys.executable).with_name("hf")), "download", REPO, "--revision", "1",
+               "--local-dir", str(target)], env)
+    got = {p.relative_to(target).as_posix(): p.read_bytes() for p in target.rglob("*")
+           if p.is_file() and ".cache" not in p.parts}
+    assert got == imported["1"][0]
+    gets = server.resolve_gets()
+    assert gets and all(" 200 who=token:node-" in line for line in gets)  # as the node, with its token
 
 
 async def test_list_repo_refs_names_main_and_each_version(cache):

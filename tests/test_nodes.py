@@ -76,6 +76,7 @@ async def test_registration_answers_the_config_and_registering_again_revokes_the
     assert config["cache_url"] == settings.public_url and config["node_id"] == node["id"]
     assert config["pull"] == {"parallel_parts": 4, "part_bytes": 67108864}
     assert config["token"].startswith("mc_")
+    assert config["runtime_env"] == {"HF_ENDPOINT": f"{settings.public_url}/hf", "HF_TOKEN": config["token"]}
     assert node["status"] == "ready" and node["labels"] == {"pool": "gpu"}
     assert node["facts"]["runtimes"] == ["ollama"] and node["facts"]["gpu_memory_bytes"] == 24 << 30
 

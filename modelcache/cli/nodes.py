@@ -67,10 +67,22 @@ def write_node_config(path: Path, config: dict, runtimes: list[str]) -> None:
              f"token = {_toml_value(config['token'])}", f"token_name = {_toml_value(config['token_name'])}",
              f"runtimes = {_toml_value(runtimes)}", "", "[pull]",
              f"parallel_parts = {config['pull']['parallel_parts']}", f"part_bytes = {config['pull']['part_bytes']}", ""]
+    _write_private(path, "\n".join(lines))
+
+
+def write_runtime_env(path: Path, env: dict[str, str]) -> None:
+    """``KEY=value`` lines, as systemd's EnvironmentFile=, ``docker run --env-file`` and ``set -a; . FILE``
+    read them (no quotes: the values are a URL and a token); for its owner only, as it holds the token."""
+    _write_private(path, "# modelcache runtime environment, written by `modelcache node-register`.\n"
+                   + "".join(f"{key}={value}\n" for key, value in env.items()))
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all, readable by its owner only."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines))
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -97,8 +109,11 @@ def nodes(client, limit: int, cursor: str | None):
 @click.option("--free-disk-bytes", type=int, default=None)
 @click.option("--config-out", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write the node's config (cache_url, node_id, token, runtimes) for `modelcache node --config`.")
-def node_register(client, name, node_id, labels, runtimes, gpu_memory_bytes, free_disk_bytes, config_out):
-    """Register a node; prints its config (the token is shown once) or writes it with --config-out."""
+@click.option("--env-out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the environment (HF_ENDPOINT, HF_TOKEN) that points the node's runtimes at the cache.")
+def node_register(client, name, node_id, labels, runtimes, gpu_memory_bytes, free_disk_bytes, config_out, env_out):
+    """Register a node; prints its config (the token is shown once) or writes it with --config-out, and
+    with --env-out the environment for its model runtimes."""
     facts: dict[str, Any] = {"runtimes": list(runtimes), "gpu_memory_bytes": gpu_memory_bytes,
                              "free_disk_bytes": free_disk_bytes}
     body = client.call("POST", "/v1/nodes", body={"id": node_id, "name": name, "labels": _pairs(labels, "label"),
@@ -106,6 +121,9 @@ def node_register(client, name, node_id, labels, runtimes, gpu_memory_bytes, fre
                        {"name": name, "labels": _pairs(labels, "label"), "facts": facts})
     config = body["config"]
     table = _table(_nodes([body["node"]]), _NODE_COLUMNS)
+    if env_out is not None:
+        write_runtime_env(env_out, config["runtime_env"])
+        table += f"\nruntime environment written to {env_out}: give it to the node's model runtimes"
     if config_out is not None:
         write_node_config(config_out, config, list(runtimes))
         table += f"\nconfig written to {config_out}: run `modelcache node --config {config_out}` on the node"

@@ -81,6 +81,15 @@ class NodeConfig(BaseModel):
     token: str = Field(description="the node token's secret: shown once")
     token_name: str
     pull: PullSettings
+    runtime_env: dict[str, str] = Field(description=(
+        "environment for the node's model runtimes, so that what they fetch by themselves (huggingface_hub, "
+        "hf download, llama.cpp -hf) comes from this cache and not from the public internet"))
+
+
+def runtime_env(public_url: str, secret: str) -> dict[str, str]:
+    """What points a node's runtimes at the cache: the Hugging Face mirror and the token it takes.
+    Ollama has no such setting: its models come through the agent (and --ollama-alias)."""
+    return {"HF_ENDPOINT": f"{public_url}/hf", "HF_TOKEN": secret}
 
 
 class NodeRegistered(BaseModel):
@@ -327,7 +336,8 @@ async def register_node(call: Call) -> NodeRegistered:
     config = NodeConfig(cache_url=settings.public_url, node_id=done.node["id"], token=done.secret,
                         token_name=done.token_name,
                         pull=PullSettings(parallel_parts=settings.nodes.pull_parallel_parts,
-                                          part_bytes=settings.nodes.pull_part_bytes))
+                                          part_bytes=settings.nodes.pull_part_bytes),
+                        runtime_env=runtime_env(settings.public_url, done.secret))
     return NodeRegistered(node=node_out(call, done.node), config=config)
 
 
