@@ -8,6 +8,7 @@ import stat
 
 import pytest
 
+from modelcache.digest import Digest
 from modelcache.server.v1.api import ENDPOINTS
 
 pytestmark = pytest.mark.registry
@@ -286,6 +287,33 @@ async def test_importing_the_good_bytes_again_restores_a_quarantined_artifact(ap
     assert body["ok"] is True
     _, audit = await api("GET", "/v1/audit?action=model_artifact.import")
     assert audit["events"][0]["outcome"] == "restored"
+
+
+async def test_the_good_bytes_of_a_shared_blob_restore_every_artifact_quarantined_for_it(api, server, http, admin,
+                                                                                        store, tmp_path,
+                                                                                        make_artifact):
+    from test_hf_api import snapshot_files, write_snapshot
+
+    alpha, beta = snapshot_files("alpha"), snapshot_files("beta")
+    shard = "model-00001-of-00002.safetensors"
+    beta[shard] = alpha[shard]  # two repos, one identical shard: one blob
+    a = await make_artifact(write_snapshot(tmp_path / "alpha", alpha), model="alpha", artifact_type="safetensors")
+    b = await make_artifact(write_snapshot(tmp_path / "beta", beta), model="beta", artifact_type="safetensors")
+    shared = "sha256:" + hashlib.sha256(alpha[shard]).hexdigest()
+    path = store.path_for(Digest.parse(shared))
+    os.chmod(path, stat.S_IWUSR | stat.S_IRUSR)
+    path.write_bytes(b"\0" * len(alpha[shard]))
+    _, body = await api("POST", f"/v1/artifacts/{a.digest}/verify")
+    assert body["ok"] is False
+    assert [(await api("GET", f"/v1/artifacts/{x.digest}"))[1]["state"] for x in (a, b)] == ["quarantined"] * 2
+
+    await make_artifact(write_snapshot(tmp_path / "alpha-again", alpha), model="alpha", artifact_type="safetensors")
+    assert [(await api("GET", f"/v1/artifacts/{x.digest}"))[1]["state"] for x in (a, b)] == ["promoted"] * 2
+    async with http.get(str(server.make_url(f"/v1/blobs/{shared}")), headers=bearer(admin)) as r:
+        assert r.status == 200 and await r.read() == alpha[shard]
+    _, audit = await api("GET", "/v1/audit?action=model_artifact.restore")
+    [event] = audit["events"]
+    assert event["resource"] == str(b.digest) and event["outcome"] == "restored" and str(a.digest) in event["reason"]
 
 
 async def test_an_evicted_blob_is_not_served_once_the_evict_answered(api, server, http, artifact, make_token):

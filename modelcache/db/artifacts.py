@@ -142,6 +142,22 @@ async def unshared_blobs(conn: Connection, artifact_id: uuid.UUID) -> list[dict]
     return await cur.fetchall()
 
 
+async def restore_quarantined(conn: Connection, digests: list[str], state: str, by: str) -> list[dict]:
+    """Quarantined artifacts holding any of ``digests`` whose every blob is present again now go to ``state``."""
+    cur = await conn.execute(
+        """
+        UPDATE model_artifacts a SET state = %s, updated_at = now(), updated_by = %s
+         WHERE a.state = 'quarantined'
+           AND EXISTS (SELECT 1 FROM artifact_files f WHERE f.artifact_id = a.id AND f.blob_digest = ANY(%s))
+           AND NOT EXISTS (SELECT 1 FROM artifact_files f JOIN blobs b ON b.digest = f.blob_digest
+                            WHERE f.artifact_id = a.id AND b.state <> 'present')
+        RETURNING a.id, a.sha256
+        """,
+        (state, by, digests),
+    )
+    return await cur.fetchall()
+
+
 async def artifacts_of_blob(conn: Connection, digest: str) -> list[dict]:
     cur = await conn.execute(
         "SELECT a.id, a.sha256, a.state FROM model_artifacts a JOIN artifact_files f ON f.artifact_id = a.id "

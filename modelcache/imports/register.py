@@ -71,6 +71,7 @@ async def _record(db: Database, req: ImportRequest, ingested: Ingested, subject:
     files, manifest, artifact_type = ingested.files, ingested.manifest, ingested.artifact_type
     digest, size = manifest.digest, ingested.size
     auto_promote = (await preferences.effective(db))["models.import.auto_promote"]
+    servable = "promoted" if auto_promote else "staged"  # the state of content that becomes servable
     async with db.transaction() as conn:
         for _, blob in files:
             await blobs.record_blob(conn, blob.digest, blob.size, blob.xxh3)
@@ -87,9 +88,8 @@ async def _record(db: Database, req: ImportRequest, ingested: Ingested, subject:
                 )
             artifact, created, outcome = existing, False, "unchanged"
             if existing["state"] in ("evicted", "quarantined"):  # good bytes are back: servable again
-                state = "promoted" if auto_promote else "staged"
-                await artifacts.set_artifact(conn, existing["id"], str(subject), state=state)
-                artifact, created, outcome = {**existing, "state": state}, True, "restored"
+                await artifacts.set_artifact(conn, existing["id"], str(subject), state=servable)
+                artifact, created, outcome = {**existing, "state": servable}, True, "restored"
         else:
             model_id = await models.upsert_model(conn, req.model, req.vendor, str(subject))
             version_id = await models.upsert_version(conn, model_id, req.version)
@@ -101,7 +101,7 @@ async def _record(db: Database, req: ImportRequest, ingested: Ingested, subject:
                 size=size,
                 cache_path=str(manifest.path),
                 source_uri=req.source_uri or req.path.resolve().as_uri(),
-                state="promoted" if auto_promote else "staged",
+                state=servable,
                 by=str(subject),
             )
             for path, blob in files:
@@ -120,6 +120,12 @@ async def _record(db: Database, req: ImportRequest, ingested: Ingested, subject:
             details={"path": str(req.path), "model": req.model_label, "artifact_type": artifact_type,
                      "size_bytes": size, "state": artifact["state"]},
         )
+        # other artifacts quarantined for a blob this import brought back whole are served again too
+        for other in await artifacts.restore_quarantined(conn, [str(b.digest) for _, b in files], servable,
+                                                         str(subject)):
+            await audit.audit(conn, subject, "model_artifact.restore", "model_artifact", f"sha256:{other['sha256']}",
+                              outcome="restored", reason=f"its blobs are whole again after the import of {digest}",
+                              details={"state": servable})
     return artifact, created
 
 
