@@ -238,6 +238,23 @@ async def test_tokens_page_oldest_first_revoked_ones_too(api, db):
     assert [t["name"] for t in whole["tokens"]] == [t["name"] for t in seen] and whole["next_cursor"] is None
 
 
+async def test_preference_history_pages_newest_first_for_managers_only(api, make_token):
+    for value in (1000, 2000, 3000):
+        status, _ = await api("PUT", "/v1/preferences/models.cache.max_bytes",
+                              json={"value": value, "reason": f"to {value}"})
+        assert status == 200
+    _, page1 = await api("GET", "/v1/preferences/history?limit=2")
+    _, page2 = await api("GET", f"/v1/preferences/history?limit=2&cursor={page1['next_cursor']}")
+    changes = page1["changes"] + page2["changes"]
+    assert [(c["new_value"], c["reason"]) for c in changes] == [(3000, "to 3000"), (2000, "to 2000"),
+                                                                 (1000, "to 1000")]
+    assert changes[0]["old_value"] == 2000 and page2["next_cursor"] is None
+    status, body = await api("GET", "/v1/preferences/history", token=await make_token("reader"))
+    assert status == 403 and "preference.history needs role admin or operator" in body["detail"]
+    status, body = await api("GET", "/v1/preferences/history?cursor=nonsense")
+    assert status == 400 and "invalid cursor" in body["detail"]
+
+
 async def test_audit_paging_newest_first_and_time_filter(api, make_token):
     for i in range(5):
         await make_token("reader", name=f"r{i}")

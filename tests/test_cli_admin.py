@@ -55,6 +55,10 @@ async def test_prefs_get_set_and_audit(env):
     assert json.loads(done.stdout)["value"] == "largest_first"
     done = await cli(env, "audit", "--action", "preference.update")
     assert "big disks" in done.stdout
+    done = await cli(env, "prefs", "history")
+    assert done.returncode == 0, done.stderr
+    [row] = [line for line in done.stdout.splitlines() if "evict_policy" in line]
+    assert '"lru"' in row and '"largest_first"' in row and "big disks" in row
 
 
 async def test_verify_all_and_missing_token(env, make_file, make_artifact, store):

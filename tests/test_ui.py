@@ -246,6 +246,18 @@ async def test_models_filters(browser, make_token, make_artifact, make_file, db)
     assert "No artifacts match these filters" in text
 
 
+async def test_the_policy_history_is_shown_to_the_roles_that_may_read_it_through_v1(browser, make_token, db):
+    from modelcache import preferences
+    from modelcache.auth import Subject
+    await preferences.set_preference(db, "models.cache.max_bytes", 5000, Subject.local(), reason="a secret reason")
+    for role, shown in (("admin", True), ("operator", True), ("reader", False)):
+        b = browser()
+        await b.sign_in(await make_token(role))
+        _, text, _ = await b.get("/ui/policy")
+        assert ('id="history"' in text and "a secret reason" in text) is shown, role
+        assert "models.cache.max_bytes" in text  # the value itself every role reads
+
+
 async def test_policy_edit_and_a_stale_edit_is_refused_with_the_current_value(browser, make_token, db):
     first, second = browser(), browser()
     await first.sign_in(await make_token("admin", name="ann"))

@@ -172,6 +172,22 @@ def prefs_set(client, key: str, value: str, expected_version: int | None, reason
     return body, f"{body['key']} = {json.dumps(body['value'])} (version {body['version']})"
 
 
+@prefs.command("history")
+@_api_options
+@click.option("--limit", default=50, show_default=True)
+@click.option("--cursor", default=None)
+def prefs_history(client, limit: int, cursor: str | None):
+    """Changes of the preferences, newest first: from, to, who, when, why (admin, operator)."""
+    body = client.call("GET", "/v1/preferences/history", query={"limit": limit, "cursor": cursor})
+    for c in body["changes"]:
+        c["from"], c["to"] = json.dumps(c["old_value"]), json.dumps(c["new_value"])
+    table = _table(body["changes"], [("AT", "changed_at"), ("KEY", "key"), ("FROM", "from"), ("TO", "to"),
+                                     ("BY", "changed_by"), ("REASON", "reason")])
+    if body["next_cursor"]:
+        table += f"\nmore: --cursor {body['next_cursor']}"
+    return body, table
+
+
 @main.command()
 @_api_options
 def tokens(client):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from .pool import Connection
-from .rows import all_rows
+from .rows import all_rows, page
 
 
 async def system_preferences(conn: Connection) -> dict[str, dict]:
@@ -58,13 +59,11 @@ async def preference_audit(conn: Connection, entry_id: uuid.UUID, old_value: Any
 
 
 
-async def history(conn: Connection, limit: int = 100) -> list[dict]:
-    """The system preferences' changes, newest first: key, old and new value, who, when, why."""
-    return await all_rows(
-        conn,
-        """
-        SELECT e.key, l.old_value, l.new_value, l.changed_at, l.changed_by, l.reason
-          FROM preference_audit_log l JOIN preference_entries e ON e.id = l.entry_id
-         WHERE e.scope_type = 'system' AND e.scope_id IS NULL
-         ORDER BY l.changed_at DESC, l.id LIMIT %s
-        """, (limit,))
+async def history(conn: Connection, *, limit: int, cursor: str | None) -> tuple[list[dict], str | None]:
+    """One page of the system preferences' changes, newest first: key, old and new value, who, when,
+    why; and the next cursor."""
+    return await page(conn, """
+        SELECT l.id, e.key, l.old_value, l.new_value, l.changed_at, l.changed_by, l.reason
+          FROM preference_audit_log l JOIN preference_entries e ON e.id = l.entry_id""",
+        [sql.SQL("e.scope_type = 'system' AND e.scope_id IS NULL")], [], "l", limit, cursor,
+        newest_first=True, at="changed_at")

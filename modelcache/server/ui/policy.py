@@ -10,9 +10,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from ... import preferences
-from ...db import preferences as preference_rows
 from ...errors import Conflict, InvalidInput
-from ..keys import DATABASE
 from ..v1 import admin
 from ..v1.api import ValidationProblem
 from .pages import Ui, form, page, render, see_other
@@ -22,9 +20,10 @@ HISTORY_SHOWN = 100
 
 async def _context(request: web.Request, ui: Ui) -> dict[str, Any]:
     listed: admin.PreferenceList = await ui.invoke(admin.list_preferences)
-    async with request.app[DATABASE].connection() as conn:
-        changes = await preference_rows.history(conn, HISTORY_SHOWN)
-    return {"preferences": listed.preferences, "history": changes, "editable": ui.may(admin.set_preference),
+    history = None  # who changed what is the audit's: shown to the roles /v1 shows it to
+    if ui.may(admin.preference_history):
+        history = (await ui.invoke(admin.preference_history, query={"limit": str(HISTORY_SHOWN)})).changes
+    return {"preferences": listed.preferences, "history": history, "editable": ui.may(admin.set_preference),
             "descriptions": {key: spec.description for key, spec in preferences.KEYS.items()},
             "shown": shown, "as_text": as_text, "refusal": None, "refused_key": None}
 

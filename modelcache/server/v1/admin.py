@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, StrictInt
 from ... import preferences, tokens
 from ...auth import Role
 from ...db import audit
+from ...db import preferences as preference_rows
 from ..keys import CATALOG
 from .api import ADMINS, ALL_ROLES, MANAGERS, Call, Strict, endpoint
 from .types import Paging, TokenName
@@ -55,6 +56,29 @@ async def set_preference(call: Call) -> PreferenceOut:
     entry = await preferences.set_preference(call.db, call.param("key"), body.value, call.subject,
                                              expected_version=body.expected_version, reason=body.reason)
     return PreferenceOut(**entry)
+
+
+class PreferenceChange(BaseModel):
+    key: str
+    old_value: Any
+    new_value: Any
+    changed_at: dt.datetime
+    changed_by: str
+    reason: str | None
+
+
+class PreferenceHistory(BaseModel):
+    changes: list[PreferenceChange]
+    next_cursor: str | None
+
+
+@endpoint("GET", "/v1/preferences/history", summary="Changes of the policy values, newest first (who, when, why)",
+          roles=MANAGERS, action="preference.history", query=Paging, response=PreferenceHistory, tag="admin")
+async def preference_history(call: Call) -> PreferenceHistory:
+    q: Paging = call.query
+    async with call.db.connection() as conn:
+        rows, cursor = await preference_rows.history(conn, limit=q.limit, cursor=q.cursor)
+    return PreferenceHistory(changes=[PreferenceChange(**r) for r in rows], next_cursor=cursor)
 
 
 # -- tokens -------------------------------------------------------------------
