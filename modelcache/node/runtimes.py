@@ -5,6 +5,7 @@ is at once an Ollama layer, a Hugging Face snapshot file and a plain ``.gguf``):
 
     <state_dir>/blobs/sha256/<hex>                        the node's one copy (read-only), pulled and verified
     <state_dir>/installed.json                            what the agent installed, to report at its next start
+    <state_dir>/agent.lock                                flock()ed by the one agent using this state dir
 
     ollama  <OLLAMA_MODELS>/blobs/sha256-<hex>            hard links
             <OLLAMA_MODELS>/manifests/<cache host:port>/<vendor|library>/<model>/<version>
@@ -18,11 +19,16 @@ Every layout is written so its engine never sees half of a model: blobs first, t
 the model visible (the Ollama manifest, the HF ref), each by a rename. The HF commit is the mirror's commit
 id (the first 40 hex of the artifact digest, ``server/hf/index.py``), so a node's cache and ``/hf`` agree.
 Hard links need one filesystem; across filesystems a blob is copied instead, with a warning line.
+
+Vendor, model and version come from the cache and become folder names, so each is parsed with the cache's
+own name rules (``names.py``) before any path is built: a name that could leave its folder fails the load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -30,11 +36,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from ..digest import Digest
-from ..errors import InvalidInput
+from ..errors import Conflict, InvalidInput, StorageFull
 from ..formats.ollama import DEFAULT_HOST, DEFAULT_NAMESPACE, Manifest, ModelName, ModelsDir
+from ..names import parse_model_name, parse_vendor, parse_version
 from .pull import CacheClient, OnBytes, RemoteFile, safe_relative, target_of
 
 logger = logging.getLogger(__name__)
@@ -50,6 +57,10 @@ class NodeStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "blobs" / "sha256"
+        # one lock per digest: two loads sharing a blob (llama3:8b and llama3:latest) pull it once, the second
+        # waiting for the first (the pull's flock of the partial would refuse it). Kept for the process's life:
+        # one small lock per blob the node ever pulled.
+        self._pulling: dict[str, asyncio.Lock] = {}
 
     def path_for(self, digest: Digest) -> Path:
         return self.root / digest.hex
@@ -61,16 +72,18 @@ class NodeStore:
             return False
 
     async def ensure(self, client: CacheClient, digest: Digest, size: int, progress: OnBytes | None = None) -> Path:
-        """The blob's path here, pulled from the cache unless it already is here."""
+        """The blob's path here, pulled from the cache unless it already is here (or another load of this
+        process is pulling it: then this waits for that pull and uses its blob, or pulls again if it failed)."""
         path = self.path_for(digest)
-        if self.has(digest, size):
-            if progress:
-                progress(size)
+        async with self._pulling.setdefault(digest.hex, asyncio.Lock()):
+            if self.has(digest, size):
+                if progress:
+                    progress(size)
+                return path
+            self.root.mkdir(parents=True, exist_ok=True)
+            await client.pull_blob(digest, path, size=size, progress=progress)
+            os.chmod(path, 0o444)
             return path
-        self.root.mkdir(parents=True, exist_ok=True)
-        await client.pull_blob(digest, path, size=size, progress=progress)
-        os.chmod(path, 0o444)
-        return path
 
 
 def link_into(blob: Path, dest: Path) -> None:
@@ -89,10 +102,23 @@ def link_into(blob: Path, dest: Path) -> None:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
             raise
         logger.warning("cannot hard-link blob %s to %s (%s): copying it instead", blob, dest, os.strerror(exc.errno))
+        _copy(blob, tmp, dest)
+    os.replace(tmp, dest)
+
+
+def _copy(blob: Path, tmp: Path, dest: Path) -> None:
+    """Copy ``blob`` to ``tmp`` and fsync it; a failed copy leaves no ``tmp`` behind (no later run removes it)."""
+    try:
         shutil.copyfile(blob, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-    os.replace(tmp, dest)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"no room to copy blob {blob} ({blob.stat().st_size} bytes) to {dest}: "
+                              f"{os.strerror(exc.errno)} (free space there, or keep that folder on the state dir's "
+                              "filesystem, where blobs are hard-linked, not copied)") from None
+        raise
 
 
 def write_file(dest: Path, data: bytes) -> None:
@@ -131,17 +157,65 @@ class Installed:
                 "artifact_digest": self.artifact_digest, "paths": list(self.paths)}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> "Installed":
-        return cls(doc["runtime"], doc["model_version_id"], doc["artifact_digest"], tuple(doc["paths"]))
+    def from_json(cls, doc: Any) -> "Installed":
+        """One entry of ``installed.json``; ValueError saying what is wrong with any other shape."""
+        if not isinstance(doc, dict):
+            raise ValueError(f"an entry is {type(doc).__name__}, expected an object")
+        for key in ("runtime", "model_version_id", "artifact_digest"):
+            if not isinstance(doc.get(key), str):
+                raise ValueError(f"entry {key!r} is {doc.get(key)!r}, expected a string")
+        paths = doc.get("paths")
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ValueError(f"entry 'paths' is {paths!r}, expected a list of strings")
+        return cls(doc["runtime"], doc["model_version_id"], doc["artifact_digest"], tuple(paths))
+
+
+class StateDirLock:
+    """``<state_dir>/agent.lock``, flock()ed: one agent per state dir, or two would overwrite each other's
+    ``installed.json`` (the default state dir is shared by every agent of a user on a host)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.path = state_dir / "agent.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock (a no-op when held); Conflict when another agent holds it. Held until ``release``
+        or the process ends."""
+        if self._fd is not None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise Conflict(f"state dir {self.state_dir} is in use by another node agent (pid {holder}): give "
+                           "each agent its own --state-dir (or state_dir in its config)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message another agent shows
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
 
 
 class Inventory:
-    """``<state_dir>/installed.json``: what this node installed, per runtime and model version."""
+    """``<state_dir>/installed.json``: what this node installed, per runtime and model version. Loading it
+    takes the state dir's lock (``StateDirLock``), held while this inventory lives."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "installed.json"
+        self.lock = StateDirLock(state_dir)
 
     def load(self) -> list[Installed]:
+        self.lock.acquire()
         try:
             doc = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -149,7 +223,17 @@ class Inventory:
         except (OSError, ValueError) as exc:
             logger.warning("cannot read %s (%s): starting with an empty inventory", self.path, exc)
             return []
-        return [Installed.from_json(d) for d in doc.get("installed", [])]
+        try:
+            if not isinstance(doc, dict) or not isinstance(doc.get("installed"), list):
+                raise ValueError(f"expected {{\"installed\": [...]}}, found {json.dumps(doc)[:100]}")
+            return [Installed.from_json(d) for d in doc["installed"]]
+        except ValueError as exc:
+            logger.warning("cannot read %s (%s): starting with an empty inventory", self.path, exc)
+            return []
+
+    def close(self) -> None:
+        """Let another agent use the state dir."""
+        self.lock.release()
 
     def save(self, entries: Iterable[Installed]) -> None:
         write_file(self.path, json.dumps({"installed": [e.to_json() for e in entries]}, indent=1).encode())
@@ -168,9 +252,28 @@ class Job:
     client: CacheClient
     progress: OnBytes | None = None
 
+    def __post_init__(self) -> None:
+        # names from the cache become folders: one that does not parse fails the job before any path is built
+        _ = (self.vendor, self.model, self.version)
+
     @property
     def vendor(self) -> str | None:
-        return self.artifact.get("vendor") or None
+        return self._name(parse_vendor, self.artifact.get("vendor") or None)
+
+    @property
+    def model(self) -> str:
+        return self._name(parse_model_name, self.artifact.get("model"))
+
+    @property
+    def version(self) -> str:
+        return self._name(parse_version, self.artifact.get("version"))
+
+    def _name(self, parse: Callable[[Any], Any], value: Any) -> Any:
+        """The cache's own name rules: a name that could leave its folder ('..', '/') never becomes a path."""
+        try:
+            return parse(value)
+        except InvalidInput as exc:
+            raise InvalidInput(f"artifact {self.artifact.get('digest')} from the cache: {exc.detail}") from None
 
     @property
     def own_files(self) -> tuple[RemoteFile, ...]:
@@ -208,15 +311,17 @@ class OllamaRuntime:
     def wants(self, artifact_type: str) -> bool:
         return artifact_type in DOCKER_MANIFEST_PATHS
 
-    def names(self, artifact: dict[str, Any]) -> list[ModelName]:
-        vendor = (artifact.get("vendor") or DEFAULT_NAMESPACE).lower()
-        model, tag = artifact["model"].lower(), artifact["version"]
+    def names(self, job: Job) -> list[ModelName]:
+        """The Ollama names to install as; InvalidInput for a version Ollama cannot take ('+', over 80)."""
+        vendor = (job.vendor or DEFAULT_NAMESPACE).lower()
+        model, tag = job.model.lower(), job.version
         names = [ModelName.parse(f"{self.cache_host}/{vendor}/{model}:{tag}")]
         if self.alias:
             names.append(ModelName.parse(f"{DEFAULT_HOST}/{DEFAULT_NAMESPACE}/{model}:{tag}"))
         return names
 
     async def install(self, job: Job) -> Installed:
+        names = self.names(job)  # before any pull: a name Ollama refuses fails the load at once
         manifest_file = job.file(DOCKER_MANIFEST_PATHS[job.artifact["artifact_type"]])
         raw = await job.client.fetch_small(manifest_file.digest)
         manifest = Manifest.parse(raw, f"manifest {manifest_file.digest} of artifact {job.artifact['digest']}")
@@ -224,7 +329,7 @@ class OllamaRuntime:
             blob = await job.blob(RemoteFile(str(d.digest), d.digest, d.size, d.media_type))
             link_into(blob, self.models.root / "blobs" / f"sha256-{d.digest.hex}")
         paths = []
-        for name in self.names(job.artifact):
+        for name in names:
             path = self.models.manifest_path(name)
             write_file(path, raw)  # last: the model appears whole
             paths.append(str(path))
@@ -251,7 +356,7 @@ class HfRuntime:
 
     async def install(self, job: Job) -> Installed:
         a = job.artifact
-        repo = self.cache_dir / hf_repo_folder(job.vendor, a["model"])
+        repo = self.cache_dir / hf_repo_folder(job.vendor, job.model)
         commit = Digest.parse(a["digest"]).hex[:40]  # server/hf/index.py commit_id: the mirror's commit id
         snapshot = repo / "snapshots" / commit
         for f in job.own_files:
@@ -265,11 +370,11 @@ class HfRuntime:
             tmp.unlink(missing_ok=True)
             os.symlink(target, tmp)
             os.replace(tmp, link)
-        refs = [repo / "refs" / a["version"], repo / "refs" / "main"]
+        refs = [repo / "refs" / job.version, repo / "refs" / "main"]
         for ref in refs:
             write_file(ref, commit.encode())  # no trailing newline: huggingface_hub reads the file as is
         logger.info("hf: installed %s at %s (commit %s, refs %s and main)", a["digest"], snapshot, commit,
-                    a["version"])
+                    job.version)
         return Installed(self.name, job.model_version_id, a["digest"], (str(snapshot), str(refs[0])))
 
 
@@ -286,7 +391,7 @@ class FilesRuntime:
 
     async def install(self, job: Job) -> Installed:
         a = job.artifact
-        folder = self.files_dir / (job.vendor or DEFAULT_NAMESPACE) / a["model"] / a["version"]
+        folder = self.files_dir / (job.vendor or DEFAULT_NAMESPACE) / job.model / job.version
         paths = []
         for f in job.own_files:
             dest = folder / safe_relative(f.path, a["digest"])
