@@ -44,7 +44,7 @@ def pull(ref: str, output: Path | None, url: str | None, token: str | None, arti
          parallel: int | None, part_size: str | None, limit_rate: str | None) -> None:
     """Pull REF (sha256:<hex> or [vendor/]model:version) from the cache: parallel ranged parts, resumed after
     a kill, sha256 verified before the file is renamed into place. Prints the path(s) written."""
-    from ..node.pull import CacheClient, PullSettings
+    from ..node.pull import CacheClient, PullSettings, default_output
 
     logs.configure(LogSettings(level="warning"))
     defaults = PullSettings()
@@ -55,13 +55,7 @@ def pull(ref: str, output: Path | None, url: str | None, token: str | None, arti
     async def go() -> list[Path]:
         async with CacheClient(url, token, settings) as client:
             target = await client.resolve(ref, artifact_type)
-            out = output
-            if out is None:
-                a = target.artifact
-                if target.is_folder:
-                    out = Path(f"{a['model']}-{a['version']}")
-                else:
-                    out = Path(Path(target.files[0].path).name)
+            out = output if output is not None else default_output(target, client.url)
             bar = _progress_bar(Path(out).name, total=target.size)
             try:
                 results = await client.pull_target(target, out, progress=bar.update)

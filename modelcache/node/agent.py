@@ -139,19 +139,26 @@ class Agent:
             await asyncio.gather(*loops, *self.working.values(), return_exceptions=True)
 
     async def _forever(self, what: str, step, stop: asyncio.Event) -> None:
-        """Run ``step`` again and again; a failure waits (1 s, doubling to 30 s) and tries again."""
+        """Run ``step`` again and again; any failure is logged in one line, waits (1 s, doubling to 30 s) and
+        tries again: a loop that ended would leave the process up doing nothing."""
         delay = 1.0
         while not stop.is_set():
             try:
                 await step()
                 delay = 1.0
+                continue
             except asyncio.CancelledError:
                 raise
+            except CacheUnreachable as exc:  # a cache restart or a proxy's page: expected, waited out
+                logger.warning("%s: %s; trying again in %.0fs", what, exc.detail, delay)
             except (ModelcacheError, OSError) as exc:
                 detail = exc.detail if isinstance(exc, ModelcacheError) else str(exc)
-                logger.warning("%s: %s; trying again in %.0fs", what, detail, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_MAX)
+                logger.error("%s: %s; trying again in %.0fs", what, detail, delay)
+            except Exception as exc:  # a bug, or an answer of a shape we did not expect: say where
+                logger.error("%s: %s: %s; trying again in %.0fs", what, type(exc).__name__, exc, delay,
+                             exc_info=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX)
 
     async def _heartbeat(self) -> None:
         first = not getattr(self, "_reported_inventory", False)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
+from yarl import URL
 
 from ..digest import Digest
 from ..errors import (
@@ -85,6 +86,7 @@ def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 # Starts the disk write of a range without waiting for it (Python has no os.sync_file_range).
 _sync_file_range = _libc_sync_file_range()
 _RETRIES = 5
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 OnBytes = Callable[[int], object]
 
@@ -94,6 +96,21 @@ class CacheUnreachable(ModelcacheError):
 
     status = 503
     title = "Cache unreachable"
+
+
+class NotTheCache(CacheUnreachable):
+    """A success answer that is not the API's JSON: something in front of the cache answered (a proxy's
+    maintenance page). Waited out like a cache that does not answer."""
+
+    title = "Not the cache's answer"
+
+
+class RefusedAnswer(ModelcacheError):
+    """The cache answered something this client will not act on: a redirect off its origin, a name that
+    does not parse."""
+
+    status = 502
+    title = "Answer refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +212,10 @@ class NameRef:
 
 
 class CacheClient:
-    """The node's HTTP client of one modelcache server (``async with``); pulls only from that server."""
+    """The node's HTTP client of one modelcache server (``async with``); pulls only from that server: a
+    redirect to another origin is refused before any request goes there (the server never redirects its
+    /v1 API; a redirect elsewhere is a proxy or a lie, and bytes from there are not what the node was
+    configured for)."""
 
     def __init__(self, url: str | None, token: str | None, settings: PullSettings | None = None) -> None:
         self.url = (url or os.environ.get("MODELCACHE_URL") or DEFAULT_URL).rstrip("/")
@@ -209,8 +229,17 @@ class CacheClient:
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers,
-                                              auto_decompress=False)
+                                              auto_decompress=False, middlewares=(self._own_origin_only,))
         return self
+
+    async def _own_origin_only(self, request: aiohttp.ClientRequest,
+                               handler: Callable[[aiohttp.ClientRequest], Any]) -> aiohttp.ClientResponse:
+        # aiohttp runs a session's middlewares for every hop of a redirect, so this sees each URL before
+        # anything is sent there
+        if _origin(request.url) != _origin(URL(self.url)):
+            raise RefusedAnswer(f"{request.method} redirected to {request.url.with_query(None)}: refused, this "
+                                f"client takes answers only from the cache at {self.url}")
+        return await handler(request)
 
     async def __aexit__(self, *exc: object) -> None:
         if self._session is not None:
@@ -233,7 +262,15 @@ class CacheClient:
                 if resp.status >= 400:
                     raise await _error(resp, f"{method} {path}")
                 raw = await resp.read()
-                return json.loads(raw) if raw else None
+                if not raw:
+                    return None
+                try:
+                    return json.loads(raw)
+                except ValueError:
+                    raise NotTheCache(
+                        f"{method} {resp.url.with_query(None)} answered {resp.status} "
+                        f"{resp.headers.get('Content-Type') or 'without a content type'}, not the cache's "
+                        f"JSON: {_first_bytes(raw)}") from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise CacheUnreachable(f"cannot reach modelcache at {self.url} ({method} {path}): "
                                    f"{_describe(exc)}") from None
@@ -278,11 +315,19 @@ class CacheClient:
             async with self.session.get(self.url + path, timeout=aiohttp.ClientTimeout(total=60)) as resp:
                 if resp.status >= 400:
                     raise await _error(resp, f"GET {path}", digest)
-                raw = await resp.content.read(limit + 1)
+                # to the end of the body, however many reads it arrives in (read(n) returns what is
+                # buffered, which is less than the body when the server wrote it in pieces)
+                chunks: list[bytes] = []
+                received = 0
+                async for chunk in resp.content.iter_any():
+                    received += len(chunk)
+                    if received > limit:
+                        raise ModelcacheError(f"blob {digest} from {self.url} is larger than {limit} bytes, "
+                                              "too large for a manifest")
+                    chunks.append(chunk)
+                raw = b"".join(chunks)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise CacheUnreachable(f"cannot reach modelcache at {self.url} (GET {path}): {_describe(exc)}") from None
-        if len(raw) > limit:
-            raise ModelcacheError(f"blob {digest} is larger than {limit} bytes, too large for a manifest")
         actual = hashlib.sha256(raw).hexdigest()
         if actual != digest.hex:
             raise ChecksumError(f"blob {digest} from {self.url}", str(digest), f"sha256:{actual}")
@@ -307,7 +352,13 @@ class CacheClient:
         started = time.monotonic()
         if size is None:
             size = await self.blob_size(digest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno in _NO_ROOM:
+                raise StorageFull(f"no room left to create the folder {dest.parent} for blob {digest} "
+                                  f"({os.strerror(exc.errno)})") from None
+            raise
         if await asyncio.to_thread(_already_there, dest, digest, size):
             logger.info("blob %s already at %s, %d bytes", digest, dest, size)
             if progress:
@@ -317,7 +368,7 @@ class CacheClient:
         try:
             result = await _Transfer(self, partial, progress).run()
         except BaseException:
-            if not partial.done:  # nothing worth resuming: leave no partial behind
+            if not partial.recorded:  # nothing a resume would reuse: leave no partial behind
                 partial.discard()
             raise
         finally:
@@ -337,6 +388,23 @@ def target_of(artifact: dict[str, Any]) -> Target:
     if not files:
         raise NotFound(f"artifact {artifact['digest']} lists no files")
     return Target(artifact, files)
+
+
+def default_output(target: Target, url: str) -> Path:
+    """Where ``modelcache pull`` writes without ``-o``: the file's name, or ``MODEL-VERSION`` for a folder.
+
+    Built from what the cache sent, so parsed with the names' own rules first: a name that does not parse
+    (``../../x``) is refused, never turned into a path."""
+    a = target.artifact
+    try:
+        if target.is_folder:
+            assert a is not None  # a bare blob is one file
+            parse_vendor(a.get("vendor"))
+            return Path(f"{parse_model_name(a['model'])}-{parse_version(a['version'])}")
+        return Path(safe_relative(target.files[0].path, "file path").name)
+    except InvalidInput as exc:
+        what = f"artifact {a['digest']}" if a is not None else f"blob {target.files[0].digest}"
+        raise RefusedAnswer(f"{what} from the cache at {url}: {exc.detail}") from None
 
 
 def _already_there(dest: Path, digest: Digest, size: int) -> bool:
@@ -369,6 +437,7 @@ class Partial:
     part_bytes: int
     fd: int
     done: set[int] = field(default_factory=set)
+    recorded: set[int] = field(default_factory=set)  # the parts the sidecar on disk lists: what a resume reuses
 
     @property
     def path(self) -> Path:
@@ -390,7 +459,14 @@ class Partial:
     @classmethod
     def open(cls, dest: Path, digest: Digest, size: int, part_bytes: int) -> "Partial":
         path = dest.with_name(dest.name + ".partial")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno in _NO_ROOM:
+                raise StorageFull(f"no room left on the filesystem of {dest.parent} to create {path.name} for "
+                                  f"blob {digest} ({size} bytes, {os.strerror(exc.errno)}): free space there "
+                                  "and pull again") from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -423,38 +499,52 @@ class Partial:
                 if self.done:
                     logger.info("resuming blob %s at %s: %d of %d parts already complete", self.digest,
                                 self.path, len(self.done), self.count)
+        self.recorded = set(self.done)
         if not self.done:
             os.ftruncate(self.fd, 0)
         try:
             self._preallocate()
+            self.record()
         except StorageFull:
-            if not self.done:
+            if not self.recorded:
                 self.discard()
             raise
-        self.record()
 
     def _preallocate(self) -> None:
         try:
             os.posix_fallocate(self.fd, 0, self.size) if self.size else None
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self.no_room(exc) from None
+            if exc.errno in _NO_ROOM:
+                raise self.no_room(exc, self.path, self.size) from None
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise
             os.ftruncate(self.fd, self.size)  # a filesystem without fallocate: a sparse file
 
-    def no_room(self, exc: OSError) -> StorageFull:
-        return StorageFull(f"no room left on the filesystem of {self.dest.parent} for blob {self.digest} "
-                           f"({self.size} bytes, {os.strerror(exc.errno or errno.ENOSPC)}): free space there and "
-                           "pull again; completed parts are kept")
+    def no_room(self, exc: OSError, file: Path, needed: int) -> StorageFull:
+        """The one-line error for a full disk; what it says is kept is what ``pull_blob`` keeps (the partial
+        and its sidecar when the sidecar lists completed parts, else nothing)."""
+        kept = (f"completed parts are kept in {self.path.name}: freed space lets `modelcache pull` resume"
+                if self.recorded else "nothing partial is kept: free space there and pull again")
+        return StorageFull(f"no room left on the filesystem of {self.dest.parent} to write {file.name} "
+                           f"({needed} bytes; blob {self.digest} is {self.size} bytes): "
+                           f"{os.strerror(exc.errno or errno.ENOSPC)}; {kept}")
 
     def record(self, done: list[int] | None = None) -> None:
         """Write the sidecar (temp file, then rename: a kill leaves the old one or the new one); one writer
-        at a time (``_Transfer`` holds a lock around it)."""
+        at a time (``_Transfer`` holds a lock around it). A full disk leaves the old sidecar and no temp file."""
         tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
-        tmp.write_text(json.dumps({"digest": str(self.digest), "size": self.size, "part_bytes": self.part_bytes,
-                                   "done": sorted(self.done) if done is None else done}))
-        os.replace(tmp, self.sidecar)
+        parts = sorted(self.done) if done is None else list(done)
+        text = json.dumps({"digest": str(self.digest), "size": self.size, "part_bytes": self.part_bytes,
+                           "done": parts})
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, self.sidecar)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in _NO_ROOM:
+                raise self.no_room(exc, self.sidecar, len(text)) from None
+            raise
+        self.recorded = set(parts)
 
     def write(self, chunks: list[bytes], offset: int) -> None:
         """``chunks`` one after the other from ``offset``: gathered (never copied into one buffer), at most
@@ -474,8 +564,8 @@ class Partial:
             if group:
                 self._pwritev(group, offset)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self.no_room(exc) from None
+            if exc.errno in _NO_ROOM:
+                raise self.no_room(exc, self.path, sum(map(len, chunks))) from None
             raise
 
     def _pwritev(self, views: list[memoryview], offset: int) -> int:
@@ -770,6 +860,16 @@ async def _error(resp: aiohttp.ClientResponse, what: str, digest: Digest | None 
     if resp.status == 409:
         return Conflict(f"{where}: 409 {detail}")
     return ModelcacheError(f"{where}: {resp.status} {detail}")
+
+
+def _origin(url: URL) -> tuple[str, str, int | None]:
+    return url.scheme.lower(), (url.host or "").lower(), url.port
+
+
+def _first_bytes(raw: bytes, n: int = 120) -> str:
+    """The start of a body for a one-line message: decoded leniently, whitespace folded, quoted."""
+    text = " ".join(raw[:n].decode("utf-8", errors="replace").split())
+    return repr(text + ("…" if len(raw) > n else ""))
 
 
 def _describe(exc: BaseException) -> str:
