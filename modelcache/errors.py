@@ -82,7 +82,8 @@ class ImportRejected(ModelcacheError):
 
 
 class StorageFull(ModelcacheError):
-    """The data dir's filesystem has no room left (ENOSPC, or EDQUOT for a quota): nothing partial is kept."""
+    """A filesystem has no room left (ENOSPC, or EDQUOT for a quota): nothing partial is kept, except a
+    node pull's completed parts, which the next pull of that blob resumes."""
 
     status = 507
     title = "Insufficient storage"

@@ -297,8 +297,9 @@ async def test_a_second_agent_on_the_same_state_dir_refuses_to_start(make_cache,
 # -- 6. names Ollama cannot take -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("runtimes", [("ollama",), ("files", "ollama")])  # no runtime pulls before ollama refuses
 @pytest.mark.parametrize("version", ["1.0+cu121", "v" * 100])
-async def test_a_version_ollama_cannot_name_fails_before_any_pull(make_cache, tmp_path, version):
+async def test_a_version_ollama_cannot_name_fails_before_any_pull(make_cache, tmp_path, version, runtimes):
     cache = await make_cache()
     layer = cache.add_blob(os.urandom(100_000))
     config = cache.add_blob(b'{"model_format":"gguf"}')
@@ -310,10 +311,29 @@ async def test_a_version_ollama_cannot_name_fails_before_any_pull(make_cache, tm
                     "size": layer["size_bytes"]}]}).encode()
     load = cache.add_load(model="tiny", version=version, artifact_type="ollama", files=[
         {"path": "manifest", **cache.add_blob(manifest)}, {"path": "blobs/sha256-x", **layer}])
-    agent = make_agent(cache, tmp_path / "state", runtimes=("ollama",), ollama_models=tmp_path / "ollama")
+    agent = make_agent(cache, tmp_path / "state", runtimes=runtimes, ollama_models=tmp_path / "ollama",
+                       files_dir=tmp_path / "files")
     await run_until(agent, cache.all_ended)
 
     status, error = cache.outcome(load)
     assert status == "failed" and error.startswith("invalid Ollama model name") and version in error, error
-    assert cache.blob_requests == 0 and not (tmp_path / "ollama").exists()
+    assert cache.blob_requests == 0 and not (tmp_path / "ollama").exists() and not (tmp_path / "files").exists()
     assert files_under(tmp_path / "state" / "blobs") == set()
+
+
+# -- an answer the agent did not expect fails that load, not the agent ----------------------------------------
+
+
+async def test_an_artifact_of_an_unexpected_shape_fails_its_load_and_the_next_load_installs(make_cache, tmp_path,
+                                                                                          caplog):
+    cache = await make_cache()
+    odd = cache.add_load(model="odd", version="1", files=[{"path": "odd.gguf", **cache.add_blob(b"GGUF odd")}])
+    del cache.artifacts[odd["artifact"]["id"]]["files"]  # the same dict under its digest too
+    good = cache.add_load(model="good", version="1", files=[{"path": "good.gguf", **cache.add_blob(b"GGUF good")}])
+    agent = make_agent(cache, tmp_path / "state", runtimes=("files",), files_dir=tmp_path / "files")
+    await run_until(agent, cache.all_ended)
+
+    status, error = cache.outcome(odd)
+    assert status == "failed" and error.startswith("KeyError"), error
+    assert cache.outcome(good) == ("available", None)
+    assert (tmp_path / "files" / "acme" / "good" / "1" / "good.gguf").read_bytes() == b"GGUF good"

@@ -125,18 +125,21 @@ class Agent:
         stop = stop or asyncio.Event()
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self._gpu = await asyncio.to_thread(gpu_memory_bytes)
-        self.installed = self.inventory.load()
-        logger.info("node agent %s for %s: runtimes %s, state in %s, %d installed before", self.config.node_id,
-                    self.config.cache_url, ",".join(r.name for r in self.runtimes), self.config.state_dir,
-                    len(self.installed))
-        async with CacheClient(self.config.cache_url, self.config.token, self.config.pull) as client:
-            self.client = client
-            loops = [asyncio.create_task(self._forever("heartbeat", self._heartbeat, stop)),
-                     asyncio.create_task(self._forever("loads", self._poll_loads, stop))]
-            await stop.wait()
-            for task in (*loops, *self.working.values()):
-                task.cancel()
-            await asyncio.gather(*loops, *self.working.values(), return_exceptions=True)
+        self.installed = self.inventory.load()  # and holds the state dir's lock until the finally below
+        try:
+            logger.info("node agent %s for %s: runtimes %s, state in %s, %d installed before", self.config.node_id,
+                        self.config.cache_url, ",".join(r.name for r in self.runtimes), self.config.state_dir,
+                        len(self.installed))
+            async with CacheClient(self.config.cache_url, self.config.token, self.config.pull) as client:
+                self.client = client
+                loops = [asyncio.create_task(self._forever("heartbeat", self._heartbeat, stop)),
+                         asyncio.create_task(self._forever("loads", self._poll_loads, stop))]
+                await stop.wait()
+                for task in (*loops, *self.working.values()):
+                    task.cancel()
+                await asyncio.gather(*loops, *self.working.values(), return_exceptions=True)
+        finally:
+            self.inventory.close()
 
     async def _forever(self, what: str, step, stop: asyncio.Event) -> None:
         """Run ``step`` again and again; any failure is logged in one line, waits (1 s, doubling to 30 s) and
@@ -231,9 +234,10 @@ class Agent:
                 logger.warning("load %s of %s: %s; trying again in %.0fs", load_id, label, exc.detail, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
-            except (ModelcacheError, OSError) as exc:
+            except Exception as exc:  # the load fails with the reason; the agent goes on with the others
                 detail = exc.detail if isinstance(exc, ModelcacheError) else f"{type(exc).__name__}: {exc}"
-                logger.error("load %s of %s failed: %s", load_id, label, detail)
+                logger.error("load %s of %s failed: %s", load_id, label, detail,
+                             exc_info=not isinstance(exc, (ModelcacheError, OSError)))
                 try:
                     await self._report(version_id, "failed", error=detail[:2000])
                 except ModelcacheError as report_exc:
@@ -262,10 +266,12 @@ class Agent:
             nonlocal done
             done += n
 
+        job = Job(artifact, version_id, self.store, self.client, progress)  # its names parse, or nothing moves
+        for runtime in wanting:
+            runtime.check(job)  # every runtime can take it before any of them pulls a byte
         await self._report(version_id, "loading", runtime=names, bytes_done=0)
         reporter = asyncio.create_task(self._report_progress(version_id, names, lambda: done))
         try:
-            job = Job(artifact, version_id, self.store, self.client, progress)
             for runtime in wanting:
                 if runtime.name in held:
                     continue

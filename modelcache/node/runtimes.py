@@ -42,7 +42,7 @@ from ..digest import Digest
 from ..errors import Conflict, InvalidInput, StorageFull
 from ..formats.ollama import DEFAULT_HOST, DEFAULT_NAMESPACE, Manifest, ModelName, ModelsDir
 from ..names import parse_model_name, parse_vendor, parse_version
-from .pull import CacheClient, OnBytes, RemoteFile, safe_relative, target_of
+from .pull import CacheClient, OnBytes, RefusedAnswer, RemoteFile, safe_relative, target_of
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class Job:
         try:
             return parse(value)
         except InvalidInput as exc:
-            raise InvalidInput(f"artifact {self.artifact.get('digest')} from the cache: {exc.detail}") from None
+            raise RefusedAnswer(f"artifact {self.artifact.get('digest')} from the cache: {exc.detail}") from None
 
     @property
     def own_files(self) -> tuple[RemoteFile, ...]:
@@ -293,6 +293,9 @@ class Runtime(Protocol):
     name: str
 
     def wants(self, artifact_type: str) -> bool: ...
+
+    def check(self, job: Job) -> None:
+        """Raise if this runtime cannot take ``job``: called for every runtime before any byte is pulled."""
 
     async def install(self, job: Job) -> Installed: ...
 
@@ -320,6 +323,9 @@ class OllamaRuntime:
             names.append(ModelName.parse(f"{DEFAULT_HOST}/{DEFAULT_NAMESPACE}/{model}:{tag}"))
         return names
 
+    def check(self, job: Job) -> None:
+        self.names(job)
+
     async def install(self, job: Job) -> Installed:
         names = self.names(job)  # before any pull: a name Ollama refuses fails the load at once
         manifest_file = job.file(DOCKER_MANIFEST_PATHS[job.artifact["artifact_type"]])
@@ -327,11 +333,11 @@ class OllamaRuntime:
         manifest = Manifest.parse(raw, f"manifest {manifest_file.digest} of artifact {job.artifact['digest']}")
         for d in manifest.blobs:
             blob = await job.blob(RemoteFile(str(d.digest), d.digest, d.size, d.media_type))
-            link_into(blob, self.models.root / "blobs" / f"sha256-{d.digest.hex}")
+            await asyncio.to_thread(link_into, blob, self.models.root / "blobs" / f"sha256-{d.digest.hex}")
         paths = []
         for name in names:
             path = self.models.manifest_path(name)
-            write_file(path, raw)  # last: the model appears whole
+            await asyncio.to_thread(write_file, path, raw)  # last: the model appears whole
             paths.append(str(path))
             logger.info("ollama: installed %s (manifest %s, %d blobs) at %s", name, manifest_file.digest,
                         len(manifest.blobs), path)
@@ -354,6 +360,9 @@ class HfRuntime:
     def wants(self, artifact_type: str) -> bool:
         return artifact_type in ("safetensors", "gguf")
 
+    def check(self, job: Job) -> None:
+        pass  # the job parsed its names; hf takes any of them
+
     async def install(self, job: Job) -> Installed:
         a = job.artifact
         repo = self.cache_dir / hf_repo_folder(job.vendor, job.model)
@@ -362,7 +371,7 @@ class HfRuntime:
         for f in job.own_files:
             rel = safe_relative(f.path, a["digest"])
             blob = await job.blob(f)
-            link_into(blob, repo / "blobs" / f.digest.hex)
+            await asyncio.to_thread(link_into, blob, repo / "blobs" / f.digest.hex)
             link = snapshot / rel
             link.parent.mkdir(parents=True, exist_ok=True)
             target = os.path.relpath(repo / "blobs" / f.digest.hex, link.parent)
@@ -372,7 +381,7 @@ class HfRuntime:
             os.replace(tmp, link)
         refs = [repo / "refs" / job.version, repo / "refs" / "main"]
         for ref in refs:
-            write_file(ref, commit.encode())  # no trailing newline: huggingface_hub reads the file as is
+            await asyncio.to_thread(write_file, ref, commit.encode())  # no trailing newline, as huggingface_hub writes
         logger.info("hf: installed %s at %s (commit %s, refs %s and main)", a["digest"], snapshot, commit,
                     job.version)
         return Installed(self.name, job.model_version_id, a["digest"], (str(snapshot), str(refs[0])))
@@ -389,13 +398,16 @@ class FilesRuntime:
     def wants(self, artifact_type: str) -> bool:
         return True
 
+    def check(self, job: Job) -> None:
+        pass  # the job parsed its names; a folder takes any of them
+
     async def install(self, job: Job) -> Installed:
         a = job.artifact
         folder = self.files_dir / (job.vendor or DEFAULT_NAMESPACE) / job.model / job.version
         paths = []
         for f in job.own_files:
             dest = folder / safe_relative(f.path, a["digest"])
-            link_into(await job.blob(f), dest)
+            await asyncio.to_thread(link_into, await job.blob(f), dest)
             paths.append(str(dest))
         logger.info("files: installed %s at %s (%d files)", a["digest"], folder, len(paths))
         return Installed(self.name, job.model_version_id, a["digest"], tuple(paths))
