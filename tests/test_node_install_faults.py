@@ -145,9 +145,10 @@ async def test_a_second_agent_on_the_same_state_dir_refuses_to_start(make_cache,
 # -- 6. names Ollama cannot take -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("runtimes", [("ollama",), ("files", "ollama")])  # no runtime pulls before ollama refuses
+@pytest.mark.parametrize("runtimes", [("ollama",), ("ollama", "files")])
 @pytest.mark.parametrize("version", ["1.0+cu121", "v" * 100])
-async def test_a_version_ollama_cannot_name_fails_before_any_pull(make_cache, tmp_path, version, runtimes):
+async def test_a_version_ollama_cannot_name_fails_before_any_pull_or_goes_to_the_other_runtimes(
+        make_cache, tmp_path, version, runtimes):
     cache = await make_cache()
     layer = cache.add_blob(os.urandom(100_000))
     config = cache.add_blob(b'{"model_format":"gguf"}')
@@ -164,9 +165,13 @@ async def test_a_version_ollama_cannot_name_fails_before_any_pull(make_cache, tm
     assert await run_until(agent, cache.all_ended)
 
     status, error = cache.outcome(load)
-    assert status == "failed" and error.startswith("invalid Ollama model name") and version in error, error
-    assert cache.blob_requests == 0 and not (tmp_path / "ollama").exists() and not (tmp_path / "files").exists()
-    assert files_under(tmp_path / "state" / "blobs") == set()
+    assert not (tmp_path / "ollama").exists()
+    if runtimes == ("ollama",):
+        assert status == "failed" and error.startswith("invalid Ollama model name") and version in error, error
+        assert cache.blob_requests == 0 and files_under(tmp_path / "state" / "blobs") == set()
+    else:  # ollama is skipped, not the whole load: the folder runtime takes it
+        assert (status, error) == ("available", None)
+        assert (tmp_path / "files" / "acme" / "tiny" / version / "manifest").read_bytes() == manifest
 
 
 # -- an answer the agent did not expect fails that load, not the agent ----------------------------------------

@@ -392,6 +392,22 @@ async def test_the_cli_registers_a_node_writes_its_config_selects_and_places(cac
     assert done.returncode == 0 and json.loads(done.stdout)["state"] == "pending"
 
 
+async def test_a_version_ollama_cannot_name_goes_to_no_ollama_only_node(cache, gguf_version, make_token):
+    api = await cache()
+    version_id = await version_of(api, await gguf_version(version="1.0+cu121"))
+    only_ollama = (await register(api, "o1", runtimes=("ollama",)))["node"]["id"]
+    also_files = (await register(api, "o2", runtimes=("ollama", "files")))["node"]["id"]
+
+    status, problem = await api("POST", f"/v1/nodes/{only_ollama}/loads", json={"model_version_id": version_id})
+    assert status == 409 and "its only runtime, ollama, cannot take it" in problem["detail"], problem
+    assert "invalid Ollama model name" in problem["detail"]
+    status, load = await api("POST", f"/v1/nodes/{also_files}/loads", json={"model_version_id": version_id})
+    assert status == 201 and load["artifact"]["artifact_type"] == "gguf"
+    status, chosen = await api("POST", "/v1/select", json={"model": "meta/llama3"})
+    assert status == 200 and chosen["node"]["id"] == also_files, chosen
+    assert any("o1" in r and "cannot take it" in r for r in chosen["reasons"]), chosen["reasons"]
+
+
 async def test_a_long_poll_is_woken_by_a_load_another_process_requests(cache, gguf_version, db):
     """The server hears of a request it did not make through LISTEN/NOTIFY, not by polling."""
     from modelcache.auth import Subject

@@ -255,6 +255,12 @@ class ModelName:
         return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
 
 
+def version_name(vendor: str | None, model: str, version: str, host: str = DEFAULT_HOST) -> ModelName:
+    """The Ollama name of a model version, ``host/vendor/model:version`` (namespace and model lower-case, as
+    Ollama keeps them); InvalidInput when Ollama cannot name it (a ``+`` in the version, a tag over 80)."""
+    return ModelName.parse(f"{host}/{(vendor or DEFAULT_NAMESPACE).lower()}/{model.lower()}:{version}")
+
+
 class ModelsDir:
     """An Ollama models directory (``$OLLAMA_MODELS``, e.g. ``~/.ollama/models``); blocking reads."""
 

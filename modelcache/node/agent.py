@@ -253,13 +253,6 @@ class Agent:
         if not wanting:
             raise ModelcacheError(f"no runtime of this node ({', '.join(r.name for r in self.runtimes)}) takes "
                                   f"{artifact['artifact_type']} artifacts like {artifact['digest']}")
-        names = ",".join(r.name for r in wanting)
-        held = {e.runtime for e in self.installed if e.model_version_id == version_id
-                and e.artifact_digest == artifact["digest"] and e.present()}
-        if all(r.name in held for r in wanting):
-            logger.info("load %s: %s is already installed (%s): reporting available", load_id, label, names)
-            await self._report(version_id, "available", runtime=names)
-            return
         done = 0
 
         def progress(n: int) -> None:
@@ -267,8 +260,14 @@ class Agent:
             done += n
 
         job = Job(artifact, version_id, self.store, self.client, progress)  # its names parse, or nothing moves
-        for runtime in wanting:
-            runtime.check(job)  # every runtime can take it before any of them pulls a byte
+        wanting = self._able(wanting, job, load_id, label)  # checked before any of them pulls a byte
+        names = ",".join(r.name for r in wanting)
+        held = {e.runtime for e in self.installed if e.model_version_id == version_id
+                and e.artifact_digest == artifact["digest"] and e.present()}
+        if all(r.name in held for r in wanting):
+            logger.info("load %s: %s is already installed (%s): reporting available", load_id, label, names)
+            await self._report(version_id, "available", runtime=names)
+            return
         await self._report(version_id, "loading", runtime=names, bytes_done=0)
         reporter = asyncio.create_task(self._report_progress(version_id, names, lambda: done))
         try:
@@ -284,6 +283,22 @@ class Agent:
         logger.info("load %s: installed %s (%s) into %s: reporting available", load_id, label, artifact["digest"],
                     names)
         await self._report(version_id, "available", runtime=names, bytes_done=artifact["size_bytes"])
+
+    @staticmethod
+    def _able(wanting: list[Runtime], job: Job, load_id: str, label: str) -> list[Runtime]:
+        """The runtimes that can take the job (``check``); the first refusal when none can."""
+        able, refusals = [], []
+        for runtime in wanting:
+            try:
+                runtime.check(job)
+                able.append(runtime)
+            except ModelcacheError as exc:
+                refusals.append(exc)
+                logger.warning("load %s of %s: runtime %s cannot take it: %s", load_id, label, runtime.name,
+                               exc.detail)
+        if not able:
+            raise refusals[0]
+        return able
 
     async def _report_progress(self, version_id: str, runtime: str, bytes_done) -> None:
         last = -1

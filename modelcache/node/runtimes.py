@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 from ..digest import Digest
 from ..errors import Conflict, InvalidInput, StorageFull
-from ..formats.ollama import DEFAULT_HOST, DEFAULT_NAMESPACE, Manifest, ModelName, ModelsDir
+from ..formats.ollama import DEFAULT_NAMESPACE, Manifest, ModelName, ModelsDir, version_name
 from ..names import parse_model_name, parse_vendor, parse_version
 from .pull import CacheClient, OnBytes, RefusedAnswer, RemoteFile, safe_relative, target_of
 
@@ -316,11 +316,9 @@ class OllamaRuntime:
 
     def names(self, job: Job) -> list[ModelName]:
         """The Ollama names to install as; InvalidInput for a version Ollama cannot take ('+', over 80)."""
-        vendor = (job.vendor or DEFAULT_NAMESPACE).lower()
-        model, tag = job.model.lower(), job.version
-        names = [ModelName.parse(f"{self.cache_host}/{vendor}/{model}:{tag}")]
+        names = [version_name(job.vendor, job.model, job.version, self.cache_host)]
         if self.alias:
-            names.append(ModelName.parse(f"{DEFAULT_HOST}/{DEFAULT_NAMESPACE}/{model}:{tag}"))
+            names.append(version_name(None, job.model, job.version))
         return names
 
     def check(self, job: Job) -> None:

@@ -12,13 +12,17 @@ the GGUF, an ``hf`` node the safetensors one); oldest artifact first among equal
 lists no runtimes is not ruled out by type (the facts do not say). ``free_disk_bytes`` below
 the artifact's size rules a node out when it would have to load it; ``gpu_memory_bytes`` below the
 size rules it out when the version (or the request) says ``gpu_required``. A fact that is absent
-or null is unknown and rules nothing out.
+or null is unknown and rules nothing out. The ``ollama`` runtime does not count for a version Ollama
+cannot name (a ``+`` in it, a tag over 80 characters): the agent would refuse it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
+
+from ..errors import InvalidInput
+from ..formats.ollama import version_name
 
 RUNTIME_TYPES: dict[str, tuple[str, ...]] = {
     "ollama": ("ollama", "gguf"),
@@ -33,11 +37,20 @@ def runtimes(facts: dict[str, Any]) -> list[str]:
     return [r for r in value if isinstance(r, str)] if isinstance(value, list) else []
 
 
-def artifact_for(facts: dict[str, Any], artifacts: list[dict]) -> tuple[dict | None, str]:
-    """The artifact this node should pull of these (promoted, oldest first), or None and why not."""
+def artifact_for(facts: dict[str, Any], artifacts: list[dict],
+                 version: dict | None = None) -> tuple[dict | None, str]:
+    """The artifact this node should pull of these (promoted, oldest first), or None and why not;
+    ``version`` (its row: model_vendor, model_name, version) rules out an ollama runtime that cannot name it."""
     if not artifacts:
         return None, "the version has no promoted artifact"
     declared = runtimes(facts)
+    if "ollama" in declared and version is not None:
+        try:
+            version_name(version.get("model_vendor"), version["model_name"], version["version"])
+        except InvalidInput as exc:
+            declared = [r for r in declared if r != "ollama"]
+            if not declared:
+                return None, f"its only runtime, ollama, cannot take it: {exc.detail}"
     order: list[str] = []
     for runtime in declared or [None]:
         for kind in RUNTIME_TYPES.get(runtime, ()) if runtime is not None else ANY_TYPE:

@@ -203,7 +203,7 @@ async def request_load(conn, node: dict, version_id: uuid.UUID, subject: Subject
         if version is None:
             raise NotFound(f"no model version {version_id}")
         artifacts = (await rows.promoted_artifacts(conn, [version_id]))[version_id]
-        artifact, why = fit.artifact_for(node["facts"], artifacts)
+        artifact, why = fit.artifact_for(node["facts"], artifacts, version)
         if artifact is None:
             raise Conflict(f"node {label(node)} cannot load {version_label(version)}: {why}")
     created = await rows.insert_load(conn, node["id"], version_id, artifact["id"], str(subject), placement_id)

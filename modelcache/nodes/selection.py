@@ -120,7 +120,7 @@ async def select(db: Database, settings: Settings, req: Request, subject: Subjec
                                f"at {failed[key]['at'].isoformat(timespec='seconds')} ({why}; "
                                f"nodes.failure_backoff {settings.nodes.failure_backoff:g}s)")
                 continue
-            artifact, why = fit.artifact_for(node["facts"], artifacts[version["id"]])
+            artifact, why = fit.artifact_for(node["facts"], artifacts[version["id"]], version)
             if artifact is None:
                 reasons.append(f"skipped node {label(node)} for {version_label(version)}: {why}")
                 continue
