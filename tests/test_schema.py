@@ -165,13 +165,18 @@ def test_unreachable_database_is_one_clear_line(tmp_path):
 
 
 async def test_a_database_from_the_first_release_upgrades_to_schema_sql(make_database):
-    # A database at version 1, migrated by the first release: its runner's bookkeeping table, 0001 as
-    # released (0002 pins its checksum, checked below), and rows that the changed trigger concerns.
+    # A database at version 1, migrated by the first build: its runner's bookkeeping table, 0001 as it
+    # ran then (the trigger as it was before 0001 was edited in place; 0002 changes it and pins 0001's
+    # checksum, checked below), and rows that the changed trigger concerns.
     old = make_database(empty=True)
     digest = "sha256:" + "ab" * 32
     with psycopg.connect(old) as conn:
         conn.execute(RELEASED_BOOKKEEPING)
         conn.execute((MIGRATIONS / "0001_initial.sql").read_text())
+        # the first build's 0001 (before it was edited in place) had the trigger fire on every update
+        conn.execute("DROP TRIGGER blobs_notify ON blobs")
+        conn.execute("CREATE TRIGGER blobs_notify AFTER INSERT OR UPDATE OR DELETE ON blobs "
+                     "FOR EACH ROW EXECUTE FUNCTION notify_blob_change()")
         conn.execute("INSERT INTO schema_migrations (version, name) VALUES (1, 'initial')")
         conn.execute("INSERT INTO blobs (digest, size_bytes, xxh3_128) VALUES (%s, 2048, %s)", (digest, "cd" * 16))
         model = conn.execute("INSERT INTO models (name, updated_by) VALUES ('tiny', 'test') RETURNING id").fetchone()
@@ -224,11 +229,12 @@ async def test_an_edited_applied_migration_refuses_to_start(dsn):
         assert recorded in lines[-1] and shipped in lines[-1]
 
 
-# What released builds shipped: databases they migrated recorded these checksums and refuse to start
-# (db/migrate.py) if the file changes. A change to the schema is a new numbered migration, never an edit.
+# What the landed builds shipped (3713eb2 and 7412829; 0001 is the same in both): databases they migrated
+# recorded these checksums and refuse to start (db/migrate.py) if the file changes. A change to the
+# schema is a new numbered migration, never an edit.
 RELEASED = {
-    1: "d59ae568592d10e63d20a8ceaf342a6c3f18a39f9d0477a720e9fd23f1e2f654",
-    2: "d5d0edcf0e6835a6c2da841bda6af9a23d76dc93acc487f6f3fddb6af1e7c810",
+    1: "ece3a3bc2e820b3d4fcef17370a109f5cd4eb2a3ef3aaa4e3120b3c1c08f5e65",
+    2: "557158060c790e479905296c68ba493d73a7a96073417e964c1d7c9b66fbffde",
     3: "831472cfa897b825af4dbfb0f973d2710f7b3e41afd5cbe5cbb97413b36c483c",
     4: "da3afeb761de42f6e897fc18000b1b9157f4d72a6be0a8e410df26c1285c0d47",
     5: "ddc9daf54539ea1036ecc0e916bb8a683966cbd422d0db97afd3ea03f70b11fc",

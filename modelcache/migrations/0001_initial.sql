@@ -194,7 +194,8 @@ BEGIN
 END;
 $$;
 
-CREATE TRIGGER blobs_notify AFTER INSERT OR UPDATE OR DELETE ON blobs
+-- not on last_accessed_at: pulls are recorded every few seconds and change nothing served
+CREATE TRIGGER blobs_notify AFTER INSERT OR DELETE OR UPDATE OF state, size_bytes ON blobs
     FOR EACH ROW EXECUTE FUNCTION notify_blob_change();
 CREATE TRIGGER artifact_files_notify AFTER INSERT OR UPDATE OR DELETE ON artifact_files
     FOR EACH ROW EXECUTE FUNCTION notify_blob_change();
