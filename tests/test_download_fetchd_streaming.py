@@ -21,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from test_download_sources import UPSTREAM_TOKEN, upstream  # noqa: F401
 from test_downloads import Killable, allow, bearer, request_download
@@ -75,6 +76,16 @@ async def ask(http, server, operator: str) -> str:
     job = await request_download(http, server, operator, source="registry", reference="meta/tinyllama:1b",
                                  model="tinyllama", vendor="meta", version="1b")
     return job["id"]
+
+
+async def asked_and_announced(http, server, layer: dict, make_token) -> tuple[URL, str]:
+    """An operator asks for the download; returns the layer's blob URL and a node token once the server
+    answers it (the fetchd has announced it)."""
+    node, operator = await make_token("node"), await make_token("operator")
+    url = server.make_url(f"/v1/blobs/{layer['digest']}")
+    await ask(http, server, operator)
+    await until_served(http, url, node)
+    return url, node
 
 
 async def until_served(http, url, node: str) -> float:
@@ -140,10 +151,7 @@ async def test_a_blob_whose_upstream_lies_is_cut_short_by_the_server_too(
     server, proxy, _, layer = apart
     content = upstream.gguf_bytes
     proxy.lie_about = layer["digest"]
-    node, operator = await make_token("node"), await make_token("operator")
-    url = server.make_url(f"/v1/blobs/{layer['digest']}")
-    await ask(http, server, operator)
-    await until_served(http, url, node)
+    url, node = await asked_and_announced(http, server, layer, make_token)
     got = bytearray()
     with caplog.at_level(logging.WARNING, logger="modelcache.server.blobs.inflight"):
         async with http.get(url, headers=bearer(node)) as r:
@@ -163,10 +171,7 @@ async def test_a_killed_fetchd_ends_the_answer_short_and_then_404(
         upstream, apart, http, dsn, make_token, caplog):  # noqa: F811
     server, _, fetchd, layer = apart
     content = upstream.gguf_bytes
-    node, operator = await make_token("node"), await make_token("operator")
-    url = server.make_url(f"/v1/blobs/{layer['digest']}")
-    await ask(http, server, operator)
-    await until_served(http, url, node)
+    url, node = await asked_and_announced(http, server, layer, make_token)
     got = bytearray()
     with caplog.at_level(logging.WARNING, logger="modelcache.server.blobs.inflight"):
         async with http.get(url, headers=bearer(node)) as r:

@@ -142,6 +142,20 @@ def source_settings(tmp_path: Path, dsn: str, registry_port: int, username: str 
     return config.load(path, env={}, overrides={"storage.data_dir": str(tmp_path / "data"), "database.dsn": dsn})
 
 
+@pytest.fixture
+def serving(token_registry, start_server, worker, db, make_token):
+    """A server and a download worker for ``settings``, the registry source allowed (with ``realm``, its
+    token realm's URL prefix too); returns (server, an admin token)."""
+    async def start(settings: config.Settings, realm: bool = True) -> tuple:
+        server = await start_server(settings)
+        await worker(settings)
+        tokens = token_registry[1]
+        await allow(db, "registry", *([f"http://127.0.0.1:{tokens.port}/"] if realm else []))
+        return server, await make_token("admin")
+
+    return start
+
+
 def download_row(dsn: str, download_id: str) -> str:
     """Every column of the download's row, as text."""
     with psycopg.connect(dsn) as conn:
@@ -150,7 +164,7 @@ def download_row(dsn: str, download_id: str) -> str:
 
 
 async def test_a_registry_behind_token_auth_is_downloaded_with_a_token_from_its_realm(
-        token_registry, tmp_path, start_server, worker, db, dsn, http, make_token, monkeypatch, caplog):
+        token_registry, tmp_path, serving, db, dsn, http, make_token, monkeypatch, caplog):
     registry, tokens, manifest, blobs = token_registry
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
@@ -163,12 +177,8 @@ async def test_a_registry_behind_token_auth_is_downloaded_with_a_token_from_its_
     assert 'scope="repository:library/tiny:pull"' in challenge
 
     settings = source_settings(tmp_path, dsn, registry.port)
-    server = await start_server(settings)
-    await worker(settings)
-    admin = await make_token("admin")
-
     # the realm is another origin on loopback: refused by the hop policy until a URL prefix allows it
-    await allow(db, "registry")
+    server, admin = await serving(settings, realm=False)
     job = await download(http, server, admin, source="registry", reference="tiny:1", model="tiny", version="1")
     assert job["state"] == "failed", job
     assert "token_realm" in job["error"] and f"127.0.0.1:{tokens.port}/token" in job["error"], job["error"]
@@ -198,15 +208,12 @@ async def test_a_registry_behind_token_auth_is_downloaded_with_a_token_from_its_
 
 
 async def test_a_wrong_registry_password_fails_the_download_naming_the_realms_answer(
-        token_registry, tmp_path, start_server, worker, db, dsn, http, make_token, monkeypatch, caplog):
+        token_registry, tmp_path, serving, dsn, http, make_token, monkeypatch, caplog):
     registry, tokens, manifest, _ = token_registry
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv(PASSWORD_ENV, "not-the-password-42")
     settings = source_settings(tmp_path, dsn, registry.port)
-    server = await start_server(settings)
-    await worker(settings)
-    await allow(db, "registry", f"http://127.0.0.1:{tokens.port}/")
-    admin = await make_token("admin")
+    server, admin = await serving(settings)
 
     job = await download(http, server, admin, source="registry", reference="tiny:1", model="tiny", version="1")
     assert job["state"] == "failed", job
@@ -234,7 +241,7 @@ def test_a_username_needs_a_password_and_an_ollama_source(tmp_path):
 
 
 async def test_a_token_that_expires_mid_download_is_asked_for_again(
-        token_registry, tmp_path, start_server, worker, db, dsn, http, make_token, monkeypatch):
+        token_registry, tmp_path, serving, dsn, http, make_token, monkeypatch):
     """Docker Hub's tokens last five minutes, a layer may take hours: a 401 later in the download (the
     next file, a part, a resume) asks the realm again instead of failing the download."""
     registry, tokens, manifest, blobs = token_registry
@@ -244,10 +251,7 @@ async def test_a_token_that_expires_mid_download_is_asked_for_again(
     # 4 KiB/s: the model layer (16 KiB) takes about four seconds, so the files after it outlive the token
     settings = config.load(tmp_path / "modelcache.toml", env={}, overrides={
         "storage.data_dir": str(tmp_path / "data"), "database.dsn": dsn, "downloads.max_bytes_per_second": 4096})
-    server = await start_server(settings)
-    await worker(settings)
-    await allow(db, "registry", f"http://127.0.0.1:{tokens.port}/")
-    admin = await make_token("admin")
+    server, admin = await serving(settings)
     job = await download(http, server, admin, source="registry", reference="tiny:1", model="tiny", version="1")
     assert job["state"] == "completed", job
     assert job["digest"] == sha256(manifest)
@@ -255,17 +259,14 @@ async def test_a_token_that_expires_mid_download_is_asked_for_again(
 
 
 async def test_a_realm_that_never_finishes_its_answer_fails_the_download_in_bounded_time(
-        token_registry, tmp_path, start_server, worker, db, dsn, http, make_token, monkeypatch):
+        token_registry, tmp_path, serving, dsn, http, make_token, monkeypatch):
     """A byte a second keeps every read within downloads.read_timeout (5 s here): the token answer, at most
     1 MiB, must still arrive whole within that time, not hold the download (and its source's slot) forever."""
     registry, tokens, _, _ = token_registry
     monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
     tokens.dribble = True
     settings = source_settings(tmp_path, dsn, registry.port)
-    server = await start_server(settings)
-    await worker(settings)
-    await allow(db, "registry", f"http://127.0.0.1:{tokens.port}/")
-    admin = await make_token("admin")
+    server, admin = await serving(settings)
     started = time.monotonic()
     job = await download(http, server, admin, source="registry", reference="tiny:1", model="tiny", version="1")
     assert job["state"] == "failed", job
