@@ -15,6 +15,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,33 @@ def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = N
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "modelcache", *args], capture_output=True, text=True,
                           env=full_env, input=input, timeout=timeout)
+
+
+@pytest.fixture
+def make_tmpfs(tmp_path):
+    """A tmpfs of ``size`` bytes mounted for the test, ``filler`` bytes of it taken by a file ``filler``:
+    a disk that really fills up, and another filesystem than ``tmp_path``."""
+    mounted = []
+
+    def make(size: int, filler: int = 0) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root (mount -t tmpfs)")
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs at {mnt}: {done.stderr.strip()}")
+        mounted.append(mnt)
+        if filler:
+            (mnt / "filler").write_bytes(b"\0" * filler)
+        return mnt
+
+    yield make
+    for mnt in mounted:
+        for _ in range(20):  # a process that just exited may still hold the mount for a moment
+            if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.25)
+        else:
+            subprocess.run(["umount", "--lazy", str(mnt)], check=True)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -205,36 +203,6 @@ async def make_cache():
     yield make
     for runner in runners:
         await runner.cleanup()
-
-
-@pytest.fixture
-def make_tmpfs(tmp_path):
-    """A tmpfs of ``size`` bytes mounted for the test, ``filler`` bytes of it taken by a file ``filler``:
-    a disk that really fills up, and another filesystem than ``tmp_path``."""
-    mounted = []
-
-    def make(size: int, filler: int = 0) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root (mount -t tmpfs)")
-        mnt = tmp_path / f"tmpfs{len(mounted)}"
-        mnt.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs at {mnt}: {done.stderr.strip()}")
-        mounted.append(mnt)
-        if filler:
-            (mnt / "filler").write_bytes(b"\0" * filler)
-        return mnt
-
-    yield make
-    for mnt in mounted:
-        for _ in range(20):  # a pull that just exited may still hold the mount for a moment
-            if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.25)
-        else:
-            subprocess.run(["umount", "--lazy", str(mnt)], check=True)
 
 
 def make_agent(cache: FakeCache, state_dir: Path, **config) -> Agent:

@@ -15,7 +15,7 @@ import pytest
 from modelcache.digest import Digest
 from modelcache.errors import ModelcacheError
 from modelcache.node.pull import CacheClient, PullSettings
-from node_fakes import KiB, MiB, FakeCache, make_agent, make_cache, make_tmpfs, run_until  # noqa: F401 - fixtures
+from node_fakes import KiB, MiB, FakeCache, make_agent, make_cache, run_until  # noqa: F401 - fixtures
 
 
 async def pull_cli(cache: FakeCache, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ import pytest
 
 from modelcache.errors import Conflict
 from modelcache.node.runtimes import Inventory
-from node_fakes import MiB, make_agent, make_cache, make_tmpfs, run_until  # noqa: F401 - fixtures
+from node_fakes import MiB, make_agent, make_cache, run_until  # noqa: F401 - fixtures
 
 def files_under(folder: Path) -> set[Path]:
     return {p for p in folder.rglob("*") if not p.is_dir()} if folder.exists() else set()

@@ -139,18 +139,8 @@ async def test_404_401_403_are_one_line_errors(node_env, make_file, make_artifac
     assert done.returncode == 2 and "expected sha256:<hex> or [vendor/]model:version" in done.stderr
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
-
-
-async def test_disk_full_is_one_line_and_keeps_nothing(node_env, make_file, make_artifact, tiny_fs):
+async def test_disk_full_is_one_line_and_keeps_nothing(node_env, make_file, make_artifact, make_tmpfs):
+    tiny_fs = make_tmpfs(MiB)
     result = await make_artifact(make_file(3 * MiB, gguf=True))
     done = await pull(node_env, str(result.digest), "-o", str(tiny_fs / "x.gguf"))
     assert done.returncode == 1

@@ -27,18 +27,9 @@ def bearer(secret: str) -> dict:
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(make_tmpfs):
     """A 4 MiB tmpfs as the data dir: a real filesystem that fills up."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
+    return make_tmpfs(4 << 20)
 
 
 def _leftovers(data: Path) -> list[str]:
