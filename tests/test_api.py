@@ -284,18 +284,20 @@ async def test_verify_quarantines_a_corrupted_blob_and_the_server_refuses_it(api
     assert audit["events"][0]["resource"] == str(artifact.digest)
 
 
-async def test_importing_the_good_bytes_again_restores_a_quarantined_artifact(api, server, http, admin, artifact,
-                                                                            store, make_file, make_artifact):
-    good = store.path_for(artifact.digest).read_bytes()
+async def test_uploading_the_good_bytes_again_restores_a_quarantined_artifact(api, server, http, admin, store,
+                                                                             make_file, make_artifact):
+    artifact = await make_artifact(make_file(gguf=True, size=4096), model="llama3", version="8b", vendor="meta")
     path = store.path_for(artifact.digest)
+    good = path.read_bytes()
     os.chmod(path, stat.S_IWUSR | stat.S_IRUSR)
     path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
     _, body = await api("POST", f"/v1/artifacts/{artifact.digest}/verify")
     assert body["artifact"]["state"] == "quarantined"
 
-    again = make_file(content=good)
-    result = await make_artifact(again, model="llama3", version="8b", vendor="meta")
-    assert result.digest == artifact.digest
+    # the operator's road: upload the good file again, as `modelcache upload` does
+    status, body = await api("POST", "/v1/imports", params={"model": "llama3", "version": "8b", "vendor": "meta"},
+                             data=good)
+    assert status == 201 and body["digest"] == str(artifact.digest), body
     status, body = await api("GET", f"/v1/artifacts/{artifact.digest}")
     assert status == 200 and body["state"] == "promoted"
     async with http.get(str(server.make_url(f"/v1/blobs/{artifact.digest}")), headers=bearer(admin)) as r:
