@@ -426,3 +426,31 @@ async def test_a_failed_folder_made_a_symbolic_link_is_not_written_through(start
     moved = daemon.import_dir / ".failed" / "acme" / "1" / "cut.gguf"
     await eventually(lambda: moved.exists() and moved.with_name("cut.gguf.error.json").exists(), timeout=15)
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_full_disk_while_moving_to_failed_leaves_the_file_in_place_and_no_half_reason(make_tmpfs):
+    """move_to_failed on a real filesystem with no room: it raises (the daemon logs it and tries again
+    later), the file is where it was, and no half-written reason file is left behind."""
+    from modelcache.syncd.failed import list_failed, move_to_failed
+
+    import_dir = make_tmpfs(64 << 10)
+    path = import_dir / "acme" / "1" / "cut.gguf"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"GGUF cut short")
+    (import_dir / ".failed").mkdir()
+    fd = os.open(import_dir / "filler", os.O_WRONLY | os.O_CREAT)
+    try:  # every block taken
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):
+        move_to_failed(import_dir, path, (), "truncated GGUF file: " + "x" * 8000, "ImportRejected")
+    assert path.read_bytes() == b"GGUF cut short"
+    assert [p for p in (import_dir / ".failed").rglob("*") if p.is_file()] == []
+    (import_dir / "filler").unlink()
+    target = move_to_failed(import_dir, path, (), "truncated GGUF file", "ImportRejected")
+    assert target == import_dir / ".failed" / "acme" / "1" / "cut.gguf" and not path.exists()
+    assert [r["reason"] for r in list_failed(import_dir)] == ["truncated GGUF file"]

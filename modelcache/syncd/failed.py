@@ -49,8 +49,12 @@ def move_to_failed(import_dir: Path, path: Path, companions: tuple[Path, ...], r
         }
         temp = f".{rel.name}.error.json.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=folder)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(record, indent=2) + "\n")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(record, indent=2) + "\n")
+        except OSError:  # a full disk: no half reason file is left to be listed, the file stays to retry
+            os.unlink(temp, dir_fd=folder)
+            raise
         os.replace(temp, f"{rel.name}.error.json", src_dir_fd=folder, dst_dir_fd=folder)
         os.rename(path, rel.name, dst_dir_fd=folder)
         for companion in companions:
